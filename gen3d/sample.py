@@ -1,0 +1,211 @@
+"""Sampling shapes from a trained DiT-3D generator (``gen3d sample``).
+
+* Schedulers (diffusers), built from the training scheduler's config: ``ddpm``
+  (``DDPMScheduler``, ancestral), ``ddim`` (``DDIMScheduler``, eta = 0; the default, 50 steps) and
+  ``dpm`` (``DPMSolverMultistepScheduler``, DPM-Solver++(2M), Lu et al. 2022), at any step count.
+  Every scheduler clips the predicted clean cloud to [-1, 1] (the training clouds lie in the unit
+  sphere). DDIM keeps the model's epsilon after clipping; DPM-Solver++ re-derives it from the
+  clipped x0, which on our CPU-trained checkpoints drifts points towards the clipping box
+  (see ``benchmarks/bench_sampling.py`` for the measured effect), hence DDIM is the default.
+* Determinism: shape ``i`` of seed ``s`` starts from noise drawn from its own generator seeded by
+  ``(s, i)``, and DDPM's per-step noise comes from the same generator, so a shape does not depend on
+  which other shapes share its batch (up to float rounding of batched matrix products).
+* Output: a collection (``source="generated"``) written with :class:`gen3d.collection.CollectionWriter`
+  batch by batch; re-running on an interrupted output generates only the missing shapes. Every
+  shape's provenance records the checkpoint (path and SHA-256 of its weights), scheduler, steps,
+  seed and index. Meshes come from the surface step (:mod:`gen3d.surface`) unless disabled.
+* Checkpoints: ``--checkpoint`` (a ``model/`` folder written by ``gen3d train``, or the run folder),
+  else the checkpoint shipped for the category in ``gen3d/checkpoints/<category>/``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from .collection import CollectionWriter
+from .dit3d import DiT3D
+from .parts import part_names
+from .records import ShapeRecord
+
+SCHEDULERS = ("ddpm", "ddim", "dpm")
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """No generator checkpoint for a category; the message says how to train one."""
+
+
+def shipped_checkpoint(category: str) -> Path | None:
+    """The checkpoint folder shipped in the package for ``category``, or None."""
+    path = Path(str(resources.files("gen3d").joinpath("checkpoints", category)))
+    return path if (path / "config.json").exists() else None
+
+
+def resolve_checkpoint(category: str, checkpoint: str | os.PathLike | None = None) -> Path:
+    """The model folder to sample from.
+
+    Raises:
+        CheckpointNotFoundError: no ``--checkpoint`` given and none shipped for the category, or
+            the given path holds no model.
+    """
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        for cand in (path, path / "model"):
+            if (cand / "config.json").exists():
+                return cand
+        raise CheckpointNotFoundError(f"{path}: no generator checkpoint here (expected config.json and "
+                                      "diffusion_pytorch_model.safetensors, as written by `gen3d train` into OUT/model)")
+    found = shipped_checkpoint(category)
+    if found is None:
+        raise CheckpointNotFoundError(
+            f"no generator checkpoint is shipped for category {category!r}. Train one, e.g.\n"
+            f"  gen3d train --category {category} --config configs/gen3d/dit3d_cpu.yaml --out runs/{category} "
+            f"--data procedural:{category}:3000:seed=0   (or your own collections / dataset sources)\n"
+            f"then sample with --checkpoint runs/{category}/model")
+    return found
+
+
+def checkpoint_hash(model_dir: Path) -> str:
+    """First 16 hex digits of the SHA-256 of the checkpoint's weights file."""
+    weights = next(model_dir.glob("*.safetensors"))
+    return hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+
+
+def load_generator(model_dir: Path, device: str | torch.device = "cpu") -> DiT3D:
+    """Load a DiT-3D model folder (weights may be stored in float16) as float32, in eval mode."""
+    model = DiT3D.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    return model.to(device).eval()
+
+
+def make_scheduler(kind: str, model_dir: Path):
+    """A fresh diffusers scheduler of ``kind`` from the training scheduler's config.
+
+    Raises:
+        ValueError: unknown kind.
+    """
+    config = DDPMScheduler.load_config(str(model_dir))
+    if kind == "ddpm":
+        return DDPMScheduler.from_config(config)
+    # Training clouds lie in the unit sphere, so every scheduler clips the predicted clean cloud to
+    # [-1, 1] at each step (DDPM's default clip_sample). Without it, DPM-Solver++'s data prediction
+    # x0 = (x - sigma * eps) / alpha amplifies eps errors ~150x at t = 999 and diverges.
+    if kind == "ddim":
+        return DDIMScheduler.from_config(config, clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=False)
+    if kind == "dpm":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+                                                       thresholding=True, sample_max_value=1.0)
+    raise ValueError(f"unknown scheduler {kind!r}; choose one of {SCHEDULERS}")
+
+
+def shape_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of shape ``index`` of seed ``seed``."""
+    g = torch.Generator()
+    g.manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+    return g
+
+
+@torch.no_grad()
+def sample_clouds(model: DiT3D, model_dir: Path, indices: list[int], num_points: int = 2048, scheduler: str = "ddim",
+                  steps: int = 50, seed: int = 0, step_callback: Callable[[], None] | None = None) -> np.ndarray:
+    """Generate the shapes ``indices`` of seed ``seed`` as one batch.
+
+    Returns:
+        ``float32 [len(indices), num_points, 3]`` point clouds (the generator's unit-sphere scale).
+    """
+    device = next(model.parameters()).device
+    sched = make_scheduler(scheduler, model_dir)
+    sched.set_timesteps(steps)
+    gens = [shape_generator(seed, i) for i in indices]
+    x = torch.stack([torch.randn(num_points, 3, generator=g) for g in gens]).to(device) * sched.init_noise_sigma
+    for t in sched.timesteps:
+        eps = model(sched.scale_model_input(x, t), t).sample
+        x = sched.step(eps, t, x, generator=gens).prev_sample
+        if step_callback:
+            step_callback()
+    return x.float().cpu().numpy()
+
+
+def _export(record: ShapeRecord, export_dir: Path) -> None:
+    import trimesh
+
+    export_dir.mkdir(parents=True, exist_ok=True)
+    trimesh.PointCloud(record.points).export(export_dir / f"{record.shape_id}.ply")
+    if record.has_mesh:
+        trimesh.Trimesh(record.mesh_vertices, record.mesh_faces, process=False).export(export_dir / f"{record.shape_id}.obj")
+
+
+def generate_collection(category: str, n: int, out: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+                        scheduler: str = "ddim", steps: int = 50, seed: int = 0, batch_size: int = 32,
+                        mesh: bool = True, grid: int = 128, export_dir: str | os.PathLike | None = None,
+                        split: str = "train", device: str | None = None, progress: bool = True) -> dict:
+    """Generate ``n`` shapes of ``category`` into the collection ``out`` (resumable).
+
+    Returns:
+        ``{"generated": k, "skipped": n - k, "checkpoint": path, "seconds_sampling": s, "seconds_mesh": s}``.
+
+    Raises:
+        CheckpointNotFoundError, ValueError (bad scheduler / steps).
+    """
+    import time
+
+    from tqdm import tqdm
+
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    model_dir = resolve_checkpoint(category, checkpoint)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_generator(model_dir, device)
+    make_scheduler(scheduler, model_dir)  # validates the name before any work
+    info = json.loads((model_dir / "training.json").read_text()) if (model_dir / "training.json").exists() else {}
+    num_points = int(info.get("config", {}).get("num_points", 2048))
+    digest = checkpoint_hash(model_dir)
+    names = part_names(category) if _has_parts(category) else ()
+    if mesh:
+        from . import surface
+
+    ids = [f"{category}-gen-s{seed}-{i:06d}" for i in range(n)]
+    timing = {"seconds_sampling": 0.0, "seconds_mesh": 0.0}
+    with CollectionWriter(out, num_points, commit_every=batch_size) as writer:
+        todo = [i for i in range(n) if not writer.has(("generated", "gen3d", ids[i]))]
+        bar = tqdm(total=len(todo) * steps, unit="step", desc=f"sample {category} ({scheduler}-{steps})",
+                   disable=not progress)
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            t0 = time.perf_counter()
+            clouds = sample_clouds(model, model_dir, batch, num_points, scheduler, steps, seed,
+                                   step_callback=lambda: bar.update(len(batch)))
+            timing["seconds_sampling"] += time.perf_counter() - t0
+            for i, pts in zip(batch, clouds):
+                record = ShapeRecord(
+                    shape_id=ids[i], category=category, source="generated", split=split, points=pts,
+                    part_names=names, provenance={
+                        "dataset": "gen3d", "checkpoint": str(model_dir), "checkpoint_sha256": digest,
+                        "scheduler": scheduler, "steps": steps, "seed": seed, "index": i})
+                if mesh:
+                    t0 = time.perf_counter()
+                    res = surface.reconstruct(pts, method="dpsr", grid=grid)
+                    timing["seconds_mesh"] += time.perf_counter() - t0
+                    record.mesh_vertices, record.mesh_faces = res.vertices, res.faces
+                    record.provenance["surface"] = {"method": "dpsr", "grid": grid}
+                if export_dir is not None:
+                    _export(record, Path(export_dir))
+                writer.add(record)
+            writer.commit()
+        bar.close()
+    return {"generated": len(todo), "skipped": n - len(todo), "checkpoint": str(model_dir), **timing}
+
+
+def _has_parts(category: str) -> bool:
+    try:
+        part_names(category)
+        return True
+    except KeyError:
+        return False
+

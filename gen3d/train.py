@@ -1,0 +1,272 @@
+"""Training the DiT-3D denoiser with DDPM (Ho et al. 2020) on Accelerate.
+
+* Diffusion: diffusers ``DDPMScheduler`` (T = 1000, linear betas 1e-4 .. 0.02, epsilon prediction),
+  loss = MSE between the predicted and the true noise (DiT-3D §3.1).
+* Data: the shapes of one category from one or more collections, each normalised to the unit
+  sphere, held in memory (``[S, N, 3]``); batches are drawn by a generator seeded with
+  ``(seed, step, process)``, as are the timesteps and the noise, so a resumed run continues with
+  exactly the losses an uninterrupted run would have had.
+* Accelerate: device placement, mixed precision on GPU, several processes with
+  ``accelerate launch --multi_gpu`` (GPUs) or ``torchrun --nproc_per_node K`` (CPU, gloo); ``save_state`` / ``load_state`` for ``--resume``. EMA weights
+  (``diffusers.training_utils.EMAModel``) are checkpointed with the state.
+* Output folder: ``config.yaml`` (the config used), ``log.jsonl`` (one JSON line per logged step:
+  step, loss, lr, seconds), ``checkpoints/step-XXXXXXX/`` (the last ``keep_checkpoints``), and
+  ``model/`` — the EMA model (``save_pretrained``: safetensors + ``config.json``), the scheduler
+  config and ``training.json`` (data, steps, wall time) — rewritten at every checkpoint, so
+  ``gen3d sample --checkpoint OUT/model`` works while training continues.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel
+
+from .collection import Collection
+from .dataset import normalize_unit_sphere
+from .dit3d import DiT3D, count_parameters
+
+DEFAULT_TRAIN = {"batch_size": 16, "lr": 1e-4, "weight_decay": 0.0, "steps": 10000, "ema_decay": 0.999,
+                 "checkpoint_every": 500, "log_every": 10, "keep_checkpoints": 2, "seed": 0,
+                 "mixed_precision": "bf16", "grad_clip": 1.0}
+DEFAULT_DIFFUSION = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
+                     "prediction_type": "epsilon"}
+
+
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a ``configs/gen3d/*.yaml`` file and fill in defaults.
+
+    Keys: ``model`` (DiT3D arguments), ``train`` (see ``DEFAULT_TRAIN``), ``diffusion``
+    (DDPMScheduler arguments), ``num_points``.
+
+    Raises:
+        FileNotFoundError; ValueError for unknown keys.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such config")
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+    unknown = set(cfg) - {"model", "train", "diffusion", "num_points", "description"}
+    if unknown:
+        raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+    bad = set(cfg.get("train", {})) - set(DEFAULT_TRAIN)
+    if bad:
+        raise ValueError(f"{path}: unknown train keys {sorted(bad)} (known: {sorted(DEFAULT_TRAIN)})")
+    return {"model": dict(cfg.get("model", {})), "train": {**DEFAULT_TRAIN, **cfg.get("train", {})},
+            "diffusion": {**DEFAULT_DIFFUSION, **cfg.get("diffusion", {})}, "num_points": int(cfg.get("num_points", 2048)),
+            "description": cfg.get("description", "")}
+
+
+def load_training_clouds(collections: list[str | os.PathLike], category: str, num_points: int,
+                         splits: tuple[str, ...] = ("train",)) -> tuple[torch.Tensor, list[dict]]:
+    """Unit-sphere-normalised clouds ``float32 [S, num_points, 3]`` of ``category`` and ``split``
+    from collections, and a list of where they came from.
+
+    Raises:
+        ValueError: no shape of the category / split, or a collection with N < num_points.
+    """
+    clouds, sources = [], []
+    for path in collections:
+        with Collection(path) as c:
+            if category not in c.part_names:
+                continue
+            if c.num_points < num_points:
+                raise ValueError(f"{path}: stores N={c.num_points} < num_points={num_points}")
+            idx = c.select(category=category, split=list(splits))
+            for i in idx:
+                pts = c.points(int(i))
+                if c.num_points > num_points:
+                    pts = pts[np.random.default_rng(int(i)).choice(c.num_points, num_points, replace=False)]
+                clouds.append(normalize_unit_sphere(pts)[0])
+            counts: dict[str, int] = {}
+            for i in idx:
+                key = f"{c.sources[i]}:{json.loads(c._h5['provenance'][i]).get('dataset', '')}"
+                counts[key] = counts.get(key, 0) + 1
+            sources.append({"collection": str(path), "shapes": int(len(idx)), "by_source": counts})
+    if not clouds:
+        raise ValueError(f"no {category!r} shapes of split {splits} in {[str(p) for p in collections]}")
+    return torch.from_numpy(np.stack(clouds)), sources
+
+
+def _step_generator(seed: int, step: int, process: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int(np.random.SeedSequence([seed, step, process]).generate_state(1)[0]))
+    return g
+
+
+def training_batch(data: torch.Tensor, scheduler: DDPMScheduler, batch_size: int, seed: int, step: int,
+                   process: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch of step ``step``: ``(noisy [B,N,3], timesteps long [B], noise [B,N,3])``,
+    a deterministic function of ``(seed, step, process)``."""
+    g = _step_generator(seed, step, process, data.device)
+    idx = torch.randint(0, len(data), (batch_size,), generator=g)
+    x0 = data[idx]
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+    return scheduler.add_noise(x0, noise, t), t, noise
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    return ckpts[-1] if ckpts else None
+
+
+def _write_model(out: Path, ema: EMAModel, model: DiT3D, scheduler: DDPMScheduler, info: dict) -> None:
+    """Write the EMA weights as a diffusers model folder (temporary name, then rename)."""
+    export = copy.deepcopy(model)
+    ema.copy_to(export.parameters())
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    export.save_pretrained(tmp, safe_serialization=True)
+    scheduler.save_config(tmp)
+    (tmp / "training.json").write_text(json.dumps(info, indent=2))
+    final = out / "model"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def train(config: dict[str, Any], category: str, collections: list[str | os.PathLike], out: str | os.PathLike,
+          resume: bool = False, max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume training) a DiT-3D generator for one category.
+
+    Args:
+        config: from :func:`load_config`.
+        category: the category to learn (shapes of other categories are ignored).
+        collections: collection files to take the category's ``train`` shapes from.
+        out: output folder (see the module docstring).
+        resume: continue from the latest checkpoint in ``out`` (error if ``out`` has a run and
+            ``resume`` is False).
+        max_steps: stop after this step even if the config asks for more (the run can be resumed).
+        progress: show a progress bar.
+
+    Returns:
+        ``training.json``'s content: steps, wall time, data, config, final loss.
+
+    Raises:
+        FileExistsError: ``out`` holds a run and ``resume`` is False.
+        ValueError: no training shapes.
+    """
+    from tqdm import tqdm
+
+    out = Path(out)
+    tc, n_points = config["train"], config["num_points"]
+    if (out / "log.jsonl").exists() and not resume:
+        raise FileExistsError(f"{out}: holds a training run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    # cpu=True without CUDA: accelerate only sets up multi-process (gloo) CPU training when asked to.
+    accelerator = Accelerator(mixed_precision=tc["mixed_precision"] if torch.cuda.is_available() else "no",
+                              cpu=not torch.cuda.is_available())
+    set_seed(tc["seed"])
+    data, sources = load_training_clouds(list(collections), category, n_points)
+    scheduler = DDPMScheduler(**config["diffusion"])
+    model = DiT3D(**config["model"])
+    ema = EMAModel(model.parameters(), decay=tc["ema_decay"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(ema)
+    step, wall = 0, 0.0
+    ckpt = _latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        meta = json.loads((ckpt / "meta.json").read_text())
+        step, wall = meta["step"], meta["wall_seconds"]
+        _truncate_log(out / "log.jsonl", step)
+    if accelerator.is_main_process:
+        (out / "config.yaml").write_text(yaml.safe_dump({**config, "category": category,
+                                                          "collections": [str(c) for c in collections]}))
+    total = min(tc["steps"], max_steps) if max_steps is not None else tc["steps"]
+    ema.to(accelerator.device)
+    data = data.to(accelerator.device)
+    unwrapped = accelerator.unwrap_model(model)
+    info: dict[str, Any] = {}
+    bar = tqdm(total=total, initial=step, desc=f"train {category}", disable=not (progress and accelerator.is_main_process))
+    last_loss = float("nan")
+    t0 = time.perf_counter()
+    while step < total:
+        model.train()
+        noisy, t, noise = training_batch(data.cpu(), scheduler, tc["batch_size"], tc["seed"], step, accelerator.process_index)
+        noisy, t, noise = noisy.to(accelerator.device), t.to(accelerator.device), noise.to(accelerator.device)
+        with accelerator.autocast():
+            pred = model(noisy, t).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        accelerator.backward(loss)
+        if tc["grad_clip"]:
+            accelerator.clip_grad_norm_(model.parameters(), tc["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(unwrapped.parameters())
+        step += 1
+        last_loss = accelerator.gather(loss.detach()[None]).mean().item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{last_loss:.4f}")
+        if accelerator.is_main_process and (step % tc["log_every"] == 0 or step == total):
+            with open(out / "log.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": step, "loss": last_loss, "lr": tc["lr"],
+                                     "seconds": round(wall + time.perf_counter() - t0, 2)}) + "\n")
+        if step % tc["checkpoint_every"] == 0 or step == total:
+            info = _checkpoint(accelerator, out, step, wall + time.perf_counter() - t0, ema, unwrapped, scheduler,
+                               config, category, sources, last_loss, len(data))
+    bar.close()
+    return info or json.loads((out / "model" / "training.json").read_text())
+
+
+def _checkpoint(accelerator: Accelerator, out: Path, step: int, wall: float, ema: EMAModel, model: DiT3D,
+                scheduler: DDPMScheduler, config: dict, category: str, sources: list, loss: float, n_shapes: int) -> dict:
+    info = {"category": category, "steps": step, "wall_seconds": round(wall, 1), "final_loss": loss,
+            "parameters": count_parameters(model), "training_shapes": n_shapes, "data": sources,
+            "config": config, "device": str(accelerator.device), "processes": accelerator.num_processes,
+            "torch": torch.__version__}
+    ckpt = out / "checkpoints" / f"step-{step:07d}"
+    accelerator.save_state(str(ckpt))
+    if accelerator.is_main_process:
+        (ckpt / "meta.json").write_text(json.dumps({"step": step, "wall_seconds": wall}))
+        _write_model(out, ema, model, scheduler, info)
+        for old in sorted((out / "checkpoints").glob("step-*"))[:-config["train"]["keep_checkpoints"]]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return info
+
+
+def _truncate_log(log: Path, step: int) -> None:
+    """Drop log lines after the checkpoint a run resumes from (they will be produced again)."""
+    if log.exists():
+        lines = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        log.write_text("".join(line + "\n" for line in lines))
+
+
+def export_model(model_dir: str | os.PathLike, dest: str | os.PathLike, half: bool = True) -> Path:
+    """Copy a trained model folder to ``dest`` for shipping: weights in float16 (``half``;
+    sampling loads them as float32), ``config.json``, the scheduler config and ``training.json``.
+
+    Returns:
+        ``dest``. Raises FileNotFoundError if ``model_dir`` holds no model.
+    """
+    model_dir, dest = Path(model_dir), Path(dest)
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir}: no model (config.json) here")
+    model = DiT3D.from_pretrained(str(model_dir))
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (model.half() if half else model).save_pretrained(tmp, safe_serialization=True)
+    for name in ("scheduler_config.json", "training.json"):
+        if (model_dir / name).exists():
+            shutil.copy(model_dir / name, tmp / name)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return dest

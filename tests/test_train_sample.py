@@ -1,0 +1,182 @@
+"""Training (DDPM on Accelerate, resume after a kill) and sampling (schedulers, determinism, resume)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from gen3d.cli import main
+from gen3d.collection import Collection
+from gen3d.pool import PoolSettings, pool
+from gen3d.sample import CheckpointNotFoundError, generate_collection, resolve_checkpoint
+from gen3d.train import load_config, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "gen3d" / "dit3d_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def mug_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "mugs.h5"
+    pool(path, ["procedural:mug:12:seed=0"], PoolSettings(num_points=256, keep_mesh=False))
+    return path
+
+
+def tiny_config(tmp_path, **train):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["num_points"] = 256
+    cfg["train"].update(train)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_log(run: Path) -> list[tuple[int, float]]:
+    return [(d["step"], d["loss"]) for d in map(json.loads, (run / "log.jsonl").read_text().splitlines())]
+
+
+def test_tiny_training_learns(tmp_path, mug_data):
+    cfg = load_config(tiny_config(tmp_path, steps=150, lr=3e-3, batch_size=8, checkpoint_every=150, log_every=1))
+    info = train(cfg, "mug", [mug_data], tmp_path / "run", progress=False)
+    losses = [loss for _, loss in read_log(tmp_path / "run")]
+    assert info["steps"] == 150 and len(losses) == 150
+    assert np.mean(losses[-30:]) < 0.8 * np.mean(losses[:10])  # epsilon-MSE starts near 1
+    assert (tmp_path / "run" / "model" / "diffusion_pytorch_model.safetensors").exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, "mug", [mug_data], tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="no 'chair' shapes"):
+        train(cfg, "chair", [mug_data], tmp_path / "other", progress=False)
+
+
+def test_killed_training_resumes_with_the_same_loss_curve(tmp_path, mug_data):
+    config = tiny_config(tmp_path, steps=60, checkpoint_every=5, log_every=1)
+    ref = tmp_path / "ref"
+    train(load_config(config), "mug", [mug_data], ref, progress=False)
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "gen3d.cli", "train", "--category", "mug", "--config", str(config),
+           "--out", str(run), "--data", str(mug_data)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((run / "checkpoints").glob("step-0000010")):
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = read_log(run)
+    assert 10 <= done[-1][0] < 60, "the kill must interrupt the run"
+    res = CliRunner().invoke(main, ["train", "--category", "mug", "--config", str(config), "--out", str(run),
+                                    "--data", str(mug_data), "--resume"])
+    assert res.exit_code == 0, res.output
+    resumed, reference = read_log(run), read_log(ref)
+    assert [s for s, _ in resumed] == list(range(1, 61))
+    np.testing.assert_allclose([l for _, l in resumed], [l for _, l in reference], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, mug_data):
+    run = tmp_path_factory.mktemp("run")
+    cfg = load_config(tiny_config(run, steps=20, checkpoint_every=20))
+    train(cfg, "mug", [mug_data], run / "out", progress=False)
+    return run / "out" / "model"
+
+
+@pytest.mark.parametrize("scheduler,steps", [("ddpm", 30), ("ddim", 10), ("dpm", 5)])
+def test_sampling_is_deterministic_and_batch_independent(tmp_path, tiny_model, scheduler, steps):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    generate_collection("mug", 5, a, tiny_model, scheduler, steps, seed=3, batch_size=5, mesh=False, progress=False)
+    generate_collection("mug", 5, b, tiny_model, scheduler, steps, seed=3, batch_size=2, mesh=False, progress=False)
+    with Collection(a) as ca, Collection(b) as cb:
+        assert len(ca) == 5
+        for i in range(5):
+            np.testing.assert_allclose(ca.points(i), cb.points(i), atol=1e-4)
+        assert not np.allclose(ca.points(0), ca.points(1))
+        prov = ca.provenance(2)
+        assert prov["scheduler"] == scheduler and prov["steps"] == steps and prov["seed"] == 3 and prov["index"] == 2
+        assert len(prov["checkpoint_sha256"]) == 16 and ca.sources[0] == "generated"
+
+
+def test_sampling_resumes_and_writes_meshes_and_exports(tmp_path, tiny_model):
+    out = tmp_path / "g.h5"
+    first = generate_collection("mug", 2, out, tiny_model, "dpm", 4, batch_size=2, mesh=False, progress=False)
+    assert first["generated"] == 2
+    more = generate_collection("mug", 3, out, tiny_model, "dpm", 4, batch_size=2, mesh=True, grid=32,
+                               export_dir=tmp_path / "export", progress=False)
+    assert (more["generated"], more["skipped"]) == (1, 2)
+    with Collection(out) as c:
+        assert [str(s) for s in c.shape_ids] == [f"mug-gen-s0-{i:06d}" for i in range(3)]
+        assert c.mesh(2) is not None and c.provenance(2)["surface"]["grid"] == 32
+    assert (tmp_path / "export" / "mug-gen-s0-000002.ply").exists()
+    assert (tmp_path / "export" / "mug-gen-s0-000002.obj").exists()
+
+
+def test_missing_checkpoint_is_a_clear_message(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="gen3d train --category mug"):
+        resolve_checkpoint("mug")
+    with pytest.raises(CheckpointNotFoundError, match="no generator checkpoint here"):
+        resolve_checkpoint("mug", tmp_path)
+    res = CliRunner().invoke(main, ["sample", "--category", "mug", "-n", "2", "--out", str(tmp_path / "x.h5")])
+    assert res.exit_code != 0 and "Train one" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_two_process_cpu_training(tmp_path, mug_data):
+    config = tiny_config(tmp_path, steps=6, checkpoint_every=3, log_every=1)
+    # CPU multi-process training: torchrun starts the processes, accelerate joins them with gloo
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "gen3d.cli", "train", "--category", "mug",
+           "--config", str(config), "--out", str(tmp_path / "run"), "--data", str(mug_data)]
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    info = json.loads((tmp_path / "run" / "model" / "training.json").read_text())
+    assert info["processes"] == 2 and info["steps"] == 6
+    assert [s for s, _ in read_log(tmp_path / "run")] == list(range(1, 7))
+
+
+def test_export_model_half_precision_round_trip(tmp_path, tiny_model):
+    from gen3d.sample import load_generator
+    from gen3d.train import export_model
+
+    dest = export_model(tiny_model, tmp_path / "shipped")
+    assert (dest / "scheduler_config.json").exists() and (dest / "training.json").exists()
+    full, half = load_generator(tiny_model), load_generator(dest)
+    assert next(half.parameters()).dtype == next(full.parameters()).dtype
+    for a, b in zip(full.parameters(), half.parameters()):
+        np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("category", ["chair", "airplane"])
+def test_shipped_checkpoints_load_and_sample(tmp_path, category):
+    from gen3d.sample import shipped_checkpoint
+
+    model_dir = shipped_checkpoint(category)
+    assert model_dir is not None, f"no shipped {category} checkpoint"
+    weights = next(model_dir.glob("*.safetensors"))
+    assert weights.stat().st_size <= 25 * 2**20
+    info = json.loads((model_dir / "training.json").read_text())
+    assert info["category"] == category and info["steps"] > 0
+    out = tmp_path / "g.h5"
+    res = CliRunner().invoke(main, ["sample", "--category", category, "-n", "2", "--steps", "2", "--no-mesh",
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    with Collection(out) as c:
+        assert len(c) == 2 and c.points(0).shape == (2048, 3) and np.isfinite(c.points(1)).all()
+
+
+def test_preview_png(tmp_path, tiny_model):
+    from PIL import Image
+
+    out = tmp_path / "g.h5"
+    res = CliRunner().invoke(main, ["sample", "--category", "mug", "-n", "3", "--steps", "2", "--no-mesh", "--out", str(out),
+                                    "--checkpoint", str(tiny_model), "--preview", str(tmp_path / "p.png")])
+    assert res.exit_code == 0, res.output
+    img = Image.open(tmp_path / "p.png")
+    assert img.size == (3 * 192, 192 + 14)
+    arr = np.asarray(img)
+    assert (arr < 250).any(axis=-1).sum() > 100  # points were drawn on the white sheet
