@@ -180,3 +180,17 @@ def test_preview_png(tmp_path, tiny_model):
     assert img.size == (3 * 192, 192 + 14)
     arr = np.asarray(img)
     assert (arr < 250).any(axis=-1).sum() > 100  # points were drawn on the white sheet
+
+
+def test_cli_reconstruct_adds_watertight_meshes(tmp_path):
+    import trimesh
+
+    path = tmp_path / "c.h5"
+    pool(path, ["procedural:table:2:seed=5"], PoolSettings(num_points=2048, keep_mesh=False))
+    res = CliRunner().invoke(main, ["reconstruct", str(path), "--grid", "64"])
+    assert res.exit_code == 0, res.output
+    with Collection(path) as c:
+        for i in range(2):
+            v, f, labels = c.mesh(i)
+            assert trimesh.Trimesh(v, f, process=False).is_watertight
+            assert set(np.unique(labels)) <= {0, 1} and (labels >= 0).all()  # top / leg voted from points
