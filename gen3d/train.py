@@ -94,7 +94,7 @@ def load_training_clouds(collections: list[str | os.PathLike], category: str, nu
                 clouds.append(normalize_unit_sphere(pts)[0])
             counts: dict[str, int] = {}
             for i in idx:
-                key = f"{c.sources[i]}:{json.loads(c._h5['provenance'][i]).get('dataset', '')}"
+                key = f"{c.sources[i]}:{c.provenance(int(i)).get('dataset', '')}"
                 counts[key] = counts.get(key, 0) + 1
             sources.append({"collection": str(path), "shapes": int(len(idx)), "by_source": counts})
     if not clouds:
