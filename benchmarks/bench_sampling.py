@@ -11,9 +11,7 @@ With small n (CPU), 1-NNA has a standard error of several points; read differenc
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,6 +52,8 @@ def main() -> None:
     for kind, steps, sps, sec, nna, mmd, cov in rows:
         speed = f"{base / sec:.1f}x" if base else "-"
         print(f"| {kind} | {steps} | {sps:.2f} | {sec:.1f} | {speed} | {nna:.1f} | {mmd:.2f} | {cov:.1f} |")
+    import trimesh
+
     from gen3d.surface import reconstruct
 
     pts = clouds[("ddim", 50)]
@@ -61,8 +61,6 @@ def main() -> None:
     watertight = 0
     for p in pts:
         res = reconstruct(p, method="dpsr", grid=args.grid)
-        import trimesh
-
         watertight += trimesh.Trimesh(res.vertices, res.faces, process=False).is_watertight
     per = (time.perf_counter() - t0) / len(pts)
     print(f"\n| surface step | grid | seconds per shape | watertight |\n|---|---|---|---|\n"
