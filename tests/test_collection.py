@@ -1,7 +1,6 @@
 """The HDF5 shape-collection format: round trips, selection, errors, crash safety."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

@@ -7,7 +7,7 @@ import trimesh
 from click.testing import CliRunner
 
 from gen3d.cli import main
-from gen3d.collection import Collection, write_collection
+from gen3d.collection import Collection
 from gen3d.pool import PoolSettings, parse_source, pool
 from gen3d.readers.psb import read_labeled_psb
 
