@@ -121,7 +121,8 @@ def training_batch(data: torch.Tensor, scheduler: DDPMScheduler, batch_size: int
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    """The newest complete checkpoint (``step-XXXXXXX`` with its ``meta.json``), or None."""
+    ckpts = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "meta.json").is_file())
     return ckpts[-1] if ckpts else None
 
 
@@ -134,10 +135,12 @@ def _write_model(out: Path, ema: EMAModel, model: DiT3D, scheduler: DDPMSchedule
     export.save_pretrained(tmp, safe_serialization=True)
     scheduler.save_config(tmp)
     (tmp / "training.json").write_text(json.dumps(info, indent=2))
-    final = out / "model"
+    final, old = out / "model", out / ".model.old"
+    shutil.rmtree(old, ignore_errors=True)
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def train(config: dict[str, Any], category: str, collections: list[str | os.PathLike], out: str | os.PathLike,
@@ -232,9 +235,18 @@ def _checkpoint(accelerator: Accelerator, out: Path, step: int, wall: float, ema
             "config": config, "device": str(accelerator.device), "processes": accelerator.num_processes,
             "torch": torch.__version__}
     ckpt = out / "checkpoints" / f"step-{step:07d}"
-    accelerator.save_state(str(ckpt))
+    # Written under a temporary name and renamed once complete: a run killed mid-save resumes
+    # from the previous checkpoint instead of a half-written one.
+    tmp = ckpt.with_name(f".{ckpt.name}.tmp")
     if accelerator.is_main_process:
-        (ckpt / "meta.json").write_text(json.dumps({"step": step, "wall_seconds": wall}))
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "wall_seconds": wall}))
+        shutil.rmtree(ckpt, ignore_errors=True)
+        os.replace(tmp, ckpt)
         _write_model(out, ema, model, scheduler, info)
         for old in sorted((out / "checkpoints").glob("step-*"))[:-config["train"]["keep_checkpoints"]]:
             shutil.rmtree(old, ignore_errors=True)
@@ -245,8 +257,14 @@ def _checkpoint(accelerator: Accelerator, out: Path, step: int, wall: float, ema
 def _truncate_log(log: Path, step: int) -> None:
     """Drop log lines after the checkpoint a run resumes from (they will be produced again)."""
     if log.exists():
-        lines = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        log.write_text("".join(line + "\n" for line in lines))
+        kept = []
+        for line in log.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                break  # a line cut off by the kill: everything after it is redone
+        log.write_text("".join(kept))
 
 
 def export_model(model_dir: str | os.PathLike, dest: str | os.PathLike, half: bool = True) -> Path:

@@ -81,6 +81,24 @@ def test_killed_training_resumes_with_the_same_loss_curve(tmp_path, mug_data):
     np.testing.assert_allclose([l for _, l in resumed], [l for _, l in reference], rtol=1e-5)
 
 
+def test_resume_skips_a_half_written_checkpoint_and_a_torn_log_line(tmp_path, mug_data):
+    config = tiny_config(tmp_path, steps=10, checkpoint_every=5, log_every=1)
+    ref = tmp_path / "ref"
+    train(load_config(config), "mug", [mug_data], ref, progress=False)
+    run = tmp_path / "run"
+    train(load_config(config), "mug", [mug_data], run, max_steps=5, progress=False)
+    # What a kill during the step-8 save and a log write leaves behind.
+    (run / "checkpoints" / ".step-0000008.tmp").mkdir()
+    (run / "checkpoints" / "step-0000008").mkdir()
+    (run / "checkpoints" / "step-0000008" / "model.safetensors").write_bytes(b"\0" * 10)
+    with open(run / "log.jsonl", "a") as fh:
+        fh.write('{"step": 6, "loss": 0.5}\n{"step": 7, "lo')
+    train(load_config(config), "mug", [mug_data], run, resume=True, progress=False)
+    resumed, reference = read_log(run), read_log(ref)
+    assert [s for s, _ in resumed] == list(range(1, 11))
+    np.testing.assert_allclose([l for _, l in resumed], [l for _, l in reference], rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, mug_data):
     run = tmp_path_factory.mktemp("run")
