@@ -79,17 +79,10 @@ def pool_cmd(out: Path, sources: tuple[str, ...], num_points: int, seed: int, re
 def _training_collections(data: tuple[str, ...], out: Path, num_points: int, workers: int) -> list[str]:
     """Collections to train on: existing ``.h5`` files as they are; every other source
     specification is pooled (points only) into ``OUT/data.h5`` first (resumable)."""
-    from .pool import PoolSettings, pool
+    from .pool import PoolSettings, collections_for
 
-    files = [d for d in data if d.endswith((".h5", ".hdf5")) and Path(d.split(":")[0]).exists() and ":" not in d]
-    specs = [d for d in data if d not in files]
-    if specs:
-        out.mkdir(parents=True, exist_ok=True)
-        target = out / "data.h5"
-        click.echo(f"pooling {len(specs)} source(s) into {target}", err=True)
-        pool(target, specs, PoolSettings(num_points=num_points, keep_mesh=False), workers=workers)
-        files.append(str(target))
-    return files
+    return collections_for(data, out / "data.h5", PoolSettings(num_points=num_points, keep_mesh=False), workers,
+                           log=lambda m: click.echo(m, err=True))
 
 
 @main.command("train")

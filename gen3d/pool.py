@@ -307,3 +307,23 @@ def format_summary(summary: list[tuple[str, str, str, int]]) -> str:
     lines.append(f"| **total** | | | {sum(r[3] for r in summary)} |")
     return "\n".join(lines)
 
+
+
+def collections_for(data: Iterable[str], target: str | os.PathLike, settings: PoolSettings | None = None,
+                    workers: int = 1, log: Callable[[str], None] | None = None) -> list[str]:
+    """Collection files for a mix of inputs: existing ``.h5`` files are used as they are; every other
+    source specification is pooled into ``target`` first (resumable, see :func:`pool`).
+
+    Returns:
+        the collection paths, the ``.h5`` inputs first, then ``target`` if anything was pooled.
+    """
+    data = list(data)
+    files = [d for d in data if d.endswith((".h5", ".hdf5")) and ":" not in d and Path(d).exists()]
+    specs = [d for d in data if d not in files]
+    if specs:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        if log:
+            log(f"pooling {len(specs)} source(s) into {target}")
+        pool(target, specs, settings, workers=workers)
+        files.append(str(target))
+    return files

@@ -1,0 +1,386 @@
+"""End-to-end experiments: generate, pool, teach, distil, evaluate on Labeled-PSB meshes; write RESULTS.md.
+
+One command per category (``pdeval experiment configs/experiments/chair.yaml``), config-driven, every
+stage cached under the output folder so that a re-run resumes:
+
+1. ``generated.h5``: ``n`` shapes from the shipped DiT-3D generator, with DPSR meshes (:mod:`gen3d.sample`).
+2. ``real.h5``: the category's Labeled-PSB meshes (train and test split of ``gen3d/data/psb.yaml``).
+3. ``shots.h5``: procedural labelled shapes for the second few-shot teacher.
+4. ``all.h5``: generated + real pooled.
+5. ``teachers/``: the 8-shot teacher fitted on Labeled-PSB *train* shapes (never evaluation shapes)
+   and, separately, on procedural shapes (:mod:`distill.teacher_fit`).
+6. ``knowledge/``: knowledge units of every shape for every teacher (+ one refined variant), then
+   subsets per training set: generated + real train, generated only, real train only, test.
+7. ``encoder/``: Point-M2AE pretraining on the unlabelled train shapes (never test shapes).
+8. rows: teacher voting, TTA, Pre, Pre + BD (real / generated / both), Pre + BD with intra-set
+   refinement; each distillation row for each seed; predictions on the Labeled-PSB *test* meshes,
+   scored per face (5-NN vote) under both mIoU conventions, 2D mIoU before / after BD.
+9. ``results.json`` and this experiment's section of ``RESULTS.md``.
+
+Nothing is selected on test data: epochs are fixed by the config and the last epoch is used.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+ROW_KINDS = ("vote", "tta", "pre")
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+# ----------------------------------------------------------------------------------------------
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def load_experiment(path: str | os.PathLike, quick: bool = False) -> dict[str, Any]:
+    """Read an experiment YAML (``configs/experiments/*.yaml``); ``quick`` merges its ``quick:`` section.
+
+    Raises:
+        FileNotFoundError; ValueError for a missing key or an unknown row kind / teacher.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such experiment config")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    for key in ("name", "category", "generate", "real", "teachers", "rows", "distill", "extract", "pretrain"):
+        if key not in cfg:
+            raise ValueError(f"{path}: missing key {key!r}")
+    quick_cfg = cfg.pop("quick", {}) or {}
+    if quick:
+        cfg = _merge(cfg, quick_cfg)
+        cfg["name"] = f"{cfg['name']}-quick"
+    cfg["quick"] = quick
+    cfg["teachers"] = {k: v for k, v in cfg["teachers"].items() if v}  # quick: null drops a teacher
+    for row in cfg["rows"]:
+        if row.get("kind") not in ROW_KINDS:
+            raise ValueError(f"{path}: row {row.get('name')!r} has kind {row.get('kind')!r}; known: {ROW_KINDS}")
+        for t in row.get("teachers", []):
+            if t not in cfg["teachers"]:
+                raise ValueError(f"{path}: row {row['name']!r} names teacher {t!r}, not in teachers: {list(cfg['teachers'])}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+# ----------------------------------------------------------------------------------------------
+class Stages:
+    """Runs named stages once: a stage is done when its marker ``.done/<name>.json`` exists."""
+
+    def __init__(self, out: Path, log: Callable[[str], None]):
+        self.out, self.log = out, log
+        (out / ".done").mkdir(parents=True, exist_ok=True)
+        self.times: dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        marker = self.out / ".done" / f"{name.replace('/', '_')}.json"
+        if marker.exists():
+            info = json.loads(marker.read_text())
+            self.times[name] = info["seconds"]
+            self.log(f"[cached] {name}")
+            return info["result"]
+        self.log(f"[stage] {name} ...")
+        t0 = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - t0
+        self.times[name] = seconds
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"seconds": seconds, "result": result}, default=_json))
+        os.replace(tmp, marker)
+        self.log(f"[done] {name} in {seconds:.1f} s")
+        return result
+
+
+def _json(o):
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))
+
+
+def subset_knowledge(src: str | os.PathLike, dst: str | os.PathLike, keys: set[tuple[str, str, str]]) -> int:
+    """Write the shapes of knowledge file ``src`` whose key is in ``keys`` to ``dst``; returns the count."""
+    from distill.knowledge import KnowledgeFile, write_knowledge
+
+    with KnowledgeFile(src) as kf:
+        shapes = [(k, kf.units(i), kf.extras(i)) for i, k in enumerate(kf.keys()) if tuple(k) in keys]
+        return write_knowledge(dst, shapes, category=kf.category, part_names=list(kf.part_names),
+                               teachers=list(kf.teachers), settings=kf.settings, simulated=kf.simulated,
+                               overwrite=True)
+
+
+def _keys_by(collection: Path, category: str) -> dict[str, set[tuple[str, str, str]]]:
+    from distill.extract import shape_key
+    from gen3d.collection import Collection
+
+    groups: dict[str, set] = {"generated": set(), "real_train": set(), "test": set(), "labelled_real": set()}
+    with Collection(collection) as c:
+        for i in c.select(category=category):
+            key = shape_key(c, int(i))
+            src, split = str(c.sources[i]), str(c.splits[i])
+            if src == "generated":
+                groups["generated"].add(key)
+            elif src == "real" and split == "test":
+                groups["test"].add(key)
+            elif src == "real":
+                groups["real_train"].add(key)
+            if src == "real":
+                groups["labelled_real"].add(key)
+    groups["genreal"] = groups["generated"] | groups["real_train"]
+    return groups
+
+
+def _test_rows(collection: Path, test_keys: set) -> list[int]:
+    from distill.extract import shape_key
+    from gen3d.collection import Collection
+
+    with Collection(collection) as c:
+        return [i for i in range(len(c)) if shape_key(c, i) in test_keys]
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring
+# ----------------------------------------------------------------------------------------------
+def score_predictions(collection: Path, predictions: Path, rows: list[int], category: str) -> dict[str, Any]:
+    """Per-face (5-NN vote, per-face and area-weighted) and per-point mIoU of a predictions file on
+    the labelled meshes ``rows`` of ``collection``, under both conventions."""
+    from distill.extract import shape_key
+    from distill.predict import read_predictions
+    from gen3d.collection import Collection
+
+    from .metrics import both_conventions
+    from .transfer import PartMapping, mesh_transfer_scores
+
+    shapes, point_preds, point_items = [], [], []
+    with Collection(collection) as c, read_predictions(predictions) as p:
+        for i in rows:
+            rec = c.record(i)
+            labels = p.labels(p.index_of(shape_key(c, i))).astype(np.int64)
+            shapes.append(rec)
+            point_preds.append(labels)
+            point_items.append((rec.category, labels, rec.labels.astype(np.int64), len(rec.part_names)))
+        names = c.part_names[category]
+    mapping = PartMapping.labeled_psb(category, list(names))
+    faces = mesh_transfer_scores(shapes, point_preds, mapping)
+    points = both_conventions(point_items)
+    out = {"face_one": faces["per_face"]["one"]["instance_miou"], "face_skip": faces["per_face"]["skip"]["instance_miou"],
+           "area_one": faces["area_weighted"]["one"]["instance_miou"],
+           "area_skip": faces["area_weighted"]["skip"]["instance_miou"],
+           "point_one": points["one"]["instance_miou"], "point_skip": points["skip"]["instance_miou"],
+           "coverage": float(np.mean([np.mean(x >= 0) for x in point_preds])), "shapes": len(rows),
+           "mapping": faces["mappings"]}
+    return out
+
+
+def knowledge_2d_miou(knowledge: Path, confidences: Path | None = None) -> dict[str, float] | None:
+    """Mean over labelled shapes of :func:`eval.metrics.miou_2d` of a knowledge file, with the units'
+    own confidences and, given a run's ``confidences.npz``, with the re-scored ones (after BD)."""
+    from distill.knowledge import KnowledgeFile
+
+    from .metrics import miou_2d
+
+    final: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+    if confidences is not None and Path(confidences).exists():
+        z = np.load(confidences, allow_pickle=False)
+        keys, offs, index, conf = z["keys"], z["unit_offsets"], z["unit_index"], z["final"]
+        for s in range(len(keys)):
+            final[tuple(str(x) for x in keys[s])] = (index[offs[s]:offs[s + 1]], conf[offs[s]:offs[s + 1]])
+    before, after = [], []
+    with KnowledgeFile(knowledge) as kf:
+        for i, key in enumerate(kf.keys()):
+            ex = kf.extras(i)
+            if "gt_label_maps" not in ex:
+                continue
+            units = kf.units(i)
+            before.append(miou_2d(units, ex["pixel_index"], ex["gt_label_maps"], kf.num_parts)["miou"]["one"])
+            if tuple(key) in final:
+                idx, conf = final[tuple(key)]
+                c = units.confidence.astype(np.float64).copy()
+                ok = np.isfinite(conf)
+                c[idx[ok]] = conf[ok]
+                after.append(miou_2d(units, ex["pixel_index"], ex["gt_label_maps"], kf.num_parts,
+                                     confidence=c)["miou"]["one"])
+    if not before:
+        return None
+    return {"before": float(np.mean(before)), "after": float(np.mean(after)) if after else None, "shapes": len(before)}
+
+
+# ----------------------------------------------------------------------------------------------
+# the experiment
+# ----------------------------------------------------------------------------------------------
+def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None = None, quick: bool = False,
+                   results_md: str | os.PathLike | None = "RESULTS.md", coseg: str | os.PathLike | None = None,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) one end-to-end experiment; see the module docstring.
+
+    Returns:
+        the content of ``OUT/results.json``.
+    """
+    from distill.extract import ExtractSettings, extract
+    from distill.predict import predict, vote_predictions
+    from distill.pretrain import load_pretrain_config, pretrain
+    from distill.teacher_fit import fit_teacher
+    from distill.trainer import build_model, load_config, train_distill
+    from gen3d.collection import Collection
+    from gen3d.pool import PoolSettings, pool
+    from gen3d.sample import generate_collection
+
+    cfg = load_experiment(config_path, quick)
+    cat = cfg["category"]
+    out = Path(out or Path("runs") / "experiments" / cfg["name"])
+    out.mkdir(parents=True, exist_ok=True)
+    st = Stages(out, log)
+    t_start = time.perf_counter()
+    g = cfg["generate"]
+
+    def gen():
+        generate_collection(cat, g["n"], out / "generated.h5", g.get("checkpoint"), g.get("scheduler", "ddim"),
+                            g.get("steps", 50), seed=g.get("seed", 0), mesh=True, progress=False)
+        return {"n": g["n"]}
+
+    st.run("generate", gen)
+    st.run("real", lambda: pool(out / "real.h5", [cfg["real"]], PoolSettings(), workers=1).total)
+    st.run("shots", lambda: pool(out / "shots.h5", [cfg["procedural_shots"]], PoolSettings(), workers=1).total)
+    st.run("pool", lambda: pool(out / "all.h5", [str(out / "generated.h5"), str(out / "real.h5")],
+                                PoolSettings(), workers=1).total)
+    groups = _keys_by(out / "all.h5", cat)
+    test_rows = _test_rows(out / "all.h5", groups["test"])
+    with Collection(out / "all.h5") as c:
+        num_parts = len(c.part_names[cat])
+
+    # teachers
+    tf = cfg["teacher_fit"]
+    specs: dict[str, str] = {}
+    for name, t in cfg["teachers"].items():
+        if t["kind"] == "fewshot":
+            data = out / ("real.h5" if t["fit_on"] == "real" else "shots.h5")
+            st.run(f"teacher/{name}", lambda data=data, name=name: fit_teacher(
+                data, cat, out / "teachers" / name, tf["shots"], tf.get("config"), tf.get("seed", 0),
+                extra_views=tf.get("extra_views", 20), image_size=cfg["extract"]["image_size"], progress=False))
+            specs[name] = f"fewshot:{out / 'teachers' / name}"
+        else:
+            specs[name] = t["spec"]
+
+    # knowledge
+    ex = cfg["extract"]
+    kdir = out / "knowledge"
+    subsets = {"genreal": groups["genreal"], "gen": groups["generated"], "real": groups["real_train"],
+               "test": groups["test"]}
+    refine_teachers = {t for row in cfg["rows"] if row.get("refine") for t in row.get("teachers", [])}
+    for name, spec in specs.items():
+        simulated = spec.startswith("simulated")
+        variants = [("", False)] + ([("-refine", True)] if name in refine_teachers else [])
+        for suffix, refine in variants:
+            full = kdir / f"{name}{suffix}.h5"
+            settings = ExtractSettings(num_views=ex["views"], image_size=ex["image_size"], refine=refine)
+            # the simulated teacher needs labels: real shapes only
+            src_splits = None
+            st.run(f"knowledge/{name}{suffix}", lambda full=full, spec=spec, settings=settings, simulated=simulated: extract(
+                out / ("real.h5" if simulated else "all.h5"), [spec], full, settings, cat, src_splits,
+                cache_dir=kdir / "cache", progress=False).units)
+            for sub, keys in subsets.items():
+                st.run(f"knowledge/{name}{suffix}-{sub}", lambda full=full, sub=sub, keys=keys, suffix=suffix, name=name:
+                       subset_knowledge(full, kdir / f"{name}{suffix}-{sub}.h5", keys))
+
+    # encoder
+    pcfg = load_pretrain_config(cfg["pretrain"]["config"])
+    if cfg["pretrain"].get("steps"):
+        pcfg["train"]["steps"] = cfg["pretrain"]["steps"]
+    st.run("pretrain", lambda: pretrain([out / "all.h5"], out / "encoder", pcfg, category=cat, progress=False,
+                                        resume=(out / "encoder" / "log.jsonl").exists()).get("steps"))
+    encoder = out / "encoder" / "encoder"
+
+    # rows
+    dcfg = cfg["distill"]
+    results: dict[str, Any] = {}
+    for row in cfg["rows"]:
+        for tname in row.get("teachers", []):
+            simulated = specs[tname].startswith("simulated")
+            train_set = row.get("train", "genreal")
+            if simulated and train_set in ("gen", "genreal") and row["kind"] == "pre":
+                train_set = "real"  # the simulated teacher exists only where labels do
+            ksuffix = "-refine" if row.get("refine") else ""
+            seeds = dcfg["seeds"] if row["kind"] == "pre" else [0]
+            rid = f"{row['name']}|{tname}"
+            per_seed = []
+            for seed in seeds:
+                rdir = out / "rows" / f"{row['name']}-{tname}-s{seed}"
+
+                def run_row(row=row, tname=tname, seed=seed, rdir=rdir, train_set=train_set, ksuffix=ksuffix):
+                    t0 = time.perf_counter()
+                    rdir.mkdir(parents=True, exist_ok=True)
+                    pred = rdir / "pred.h5"
+                    extra: dict[str, Any] = {}
+                    if row["kind"] == "vote":
+                        vote_predictions(out / "all.h5", kdir / f"{tname}{ksuffix}-test.h5", pred)
+                    elif row["kind"] == "tta":
+                        c = load_config(dcfg["tta_config"])
+                        c["model"].update({"config": dcfg["student"], "encoder": str(encoder)})
+                        c["tta"]["steps"] = dcfg.get("tta_steps", c["tta"]["steps"])
+                        model = build_model(c, num_parts)
+                        info = train_distill(out / "all.h5", kdir / f"{tname}{ksuffix}-test.h5", c, rdir / "run",
+                                             resume=(rdir / "run").exists(), progress=False, model=model)
+                        pred = rdir / "run" / "predictions.h5"
+                        extra["seconds_per_shape"] = info.get("seconds_per_shape")
+                    else:
+                        c = load_config(dcfg["config"])
+                        c["model"].update({"config": dcfg["student"], "encoder": str(encoder)})
+                        c["train"].update({"epochs": dcfg["epochs"], "seed": seed})
+                        c["backward"]["enabled"] = bool(row.get("backward", True))
+                        kfile = kdir / f"{tname}{ksuffix}-{train_set}.h5"
+                        train_distill(out / "all.h5", kfile, c, rdir / "run", resume=(rdir / "run" / "log.jsonl").exists(),
+                                      progress=False)
+                        predict(rdir / "run", out / "all.h5", pred, rows=test_rows)
+                        if row.get("backward", True):
+                            extra["miou_2d"] = knowledge_2d_miou(kfile, rdir / "run" / "confidences.npz")
+                        log_lines = [json.loads(x) for x in (rdir / "run" / "log.jsonl").read_text().splitlines() if x]
+                        trig = [x.get("trigger_epoch") for x in log_lines if x.get("trigger_epoch") is not None]
+                        extra["trigger_epoch"] = trig[0] if trig else None
+                    scores = score_predictions(out / "all.h5", pred, test_rows, cat)
+                    scores.pop("mapping")
+                    return {**scores, **extra, "train_set": train_set if row["kind"] == "pre" else "test",
+                            "seconds": time.perf_counter() - t0}
+
+                per_seed.append(st.run(f"row/{row['name']}/{tname}/s{seed}", run_row))
+            results[rid] = {"row": row["name"], "kind": row["kind"], "teacher": tname, "spec": specs[tname],
+                            "simulated": simulated, "seeds": seeds, "runs": per_seed}
+    vote_2d = {t: knowledge_2d_miou(kdir / f"{t}-test.h5") for t in specs}
+    summary = {"name": cfg["name"], "category": cat, "quick": cfg["quick"], "config": str(config_path),
+               "results": results, "vote_2d_test": vote_2d, "stage_seconds": st.times,
+               "wall_seconds": sum(st.times.values()), "session_seconds": time.perf_counter() - t_start,
+               "hardware": hardware(), "counts": {k: len(v) for k, v in groups.items()},
+               "generate": cfg["generate"], "distill": dcfg, "teachers": cfg["teachers"]}
+    if coseg:
+        summary["coseg"] = "not run: COSEG evaluation of experiment runs is not implemented yet"
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=_json))
+    os.replace(tmp, out / "results.json")
+    if results_md:
+        from .report import update_results_md
+
+        update_results_md(results_md, summary)
+    return summary
+
+
+def hardware() -> dict[str, Any]:
+    """CPU / GPU description of this machine."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "gpu": gpu,
+            "torch": torch.__version__, "python": platform.python_version()}

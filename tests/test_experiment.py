@@ -1,0 +1,66 @@
+"""The end-to-end experiment, quick variant, on the real Labeled-PSB chairs (runs in CI)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from eval.cli import main
+from eval.experiment import load_experiment
+from eval.report import update_results_md
+
+
+def test_quick_chair_experiment_runs_every_stage_scores_and_resumes(tmp_path):
+    out, md = tmp_path / "chair", tmp_path / "RESULTS.md"
+    md.write_text("# Results\n\nkept text\n")
+    args = ["experiment", "configs/experiments/chair.yaml", "--quick", "--out", str(out), "--results", str(md)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "results.json").read_text())
+    cfg = load_experiment("configs/experiments/chair.yaml", quick=True)
+    expected = {f"{r['name']}|{t}" for r in cfg["rows"] for t in r["teachers"]}
+    assert set(summary["results"]) == expected
+    assert summary["counts"]["test"] == 10 and summary["counts"]["real_train"] == 10
+    for r in summary["results"].values():
+        for run in r["runs"]:
+            assert run["shapes"] == 10
+            for k in ("face_one", "face_skip", "area_one", "point_one"):
+                assert 0.0 <= run[k] <= 1.0
+            # the "one" convention never scores below "skip" (it adds parts counted as 1)
+            assert run["face_one"] >= run["face_skip"] - 1e-9
+    # voting covers points, and an uncorrupted part of the pipeline is scored on real meshes
+    assert summary["results"]["voting|simulated"]["runs"][0]["coverage"] > 0.5
+    assert summary["results"]["voting|simulated"]["runs"][0]["face_one"] > 0.3
+    text = md.read_text()
+    assert "kept text" in text and "<!-- experiment:chair-quick -->" in text and "| voting | simulated |" in text
+    # a re-run resumes from cached stages and rewrites the section in place (not appended twice)
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "[cached] row/voting/simulated/s0" in res.output or "[cached]" in res.output
+    assert md.read_text().count("<!-- experiment:chair-quick -->") == 1
+
+
+def test_experiment_config_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ncategory: chair\n")
+    with pytest.raises(ValueError, match="missing key"):
+        load_experiment(bad)
+    with pytest.raises(FileNotFoundError):
+        load_experiment(tmp_path / "none.yaml")
+
+
+def test_results_md_sections_are_replaced_not_duplicated(tmp_path):
+    summary = {"name": "t", "category": "chair", "quick": True, "config": "c.yaml", "wall_seconds": 60.0,
+               "hardware": {"cores": 2, "gpu": None, "torch": "x"}, "generate": {"n": 1},
+               "counts": {"real_train": 1, "test": 1}, "distill": {"epochs": 1, "seeds": [0], "student": "s"},
+               "teachers": {"sim": {"kind": "simulated", "spec": "simulated"}},
+               "results": {"voting|sim": {"row": "voting", "teacher": "sim", "runs": [
+                   {"train_set": "test", "face_one": 0.5, "face_skip": 0.4, "area_one": 0.5, "point_one": 0.5,
+                    "seconds": 1.0}]}}}
+    md = tmp_path / "R.md"
+    update_results_md(md, summary)
+    summary["results"]["voting|sim"]["runs"][0]["face_one"] = 0.25
+    update_results_md(md, summary)
+    text = md.read_text()
+    assert text.count("## t") == 1 and "| 25.0 |" in text and "| 50.0 | 40.0 |" not in text
