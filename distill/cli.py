@@ -153,9 +153,12 @@ def pretrain_cmd(collections, out, config_path, category, resume, max_steps):
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
 @click.option("--encoder", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Pretrained encoder folder (from `distill pretrain`) to start from.")
+@click.option("--student", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Student config (configs/distill/student_*.yaml) overriding the config's model.config; it must "
+                   "match the --encoder's sizes (e.g. student_small.yaml with pretrain_small.yaml).")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last checkpoint.")
 @click.option("--max-epochs", type=click.IntRange(1), help="Stop after this epoch (resumable).")
-def train_cmd(collection, knowledge, config_path, out, encoder, resume, max_epochs):
+def train_cmd(collection, knowledge, config_path, out, encoder, student, resume, max_epochs):
     """Distil the knowledge units into the student: forward and backward distillation, Eqs. 3-4."""
     from .trainer import load_distill_config, train_distill
 
@@ -163,6 +166,8 @@ def train_cmd(collection, knowledge, config_path, out, encoder, resume, max_epoc
         config = load_distill_config(config_path)
         if encoder:
             config.setdefault("model", {})["encoder"] = str(encoder)
+        if student:
+            config.setdefault("model", {})["config"] = str(student)
         info = train_distill(collection, knowledge, config, out, resume=resume, max_epochs=max_epochs)
     except _ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
