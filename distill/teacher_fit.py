@@ -85,7 +85,7 @@ def fit_teacher(collection: str | os.PathLike, category: str, out: str | os.Path
     config = load_fewshot_config(config_path)
     teacher = fit_fewshot(images, maps, list(names), config, seed=seed, progress=progress, device=device,
                           category=category, shape_ids=["/".join(k) for k in keys])
-    info = {"category": category, "shots": shots, "shape_keys": keys, "images": int(len(images)),
+    info = {"category": category, "shots": shots, "shape_keys": keys, "images": len(images),
             "views_per_shape": num_views + extra_views, "image_size": image_size, "seed": seed,
             "collection": str(collection)}
     out = teacher.save(Path(out))

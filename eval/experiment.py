@@ -291,9 +291,8 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
             full = kdir / f"{name}{suffix}.h5"
             settings = ExtractSettings(num_views=ex["views"], image_size=ex["image_size"], refine=refine)
             # the simulated teacher needs labels: real shapes only
-            src_splits = None
             st.run(f"knowledge/{name}{suffix}", lambda full=full, spec=spec, settings=settings, simulated=simulated: extract(
-                out / ("real.h5" if simulated else "all.h5"), [spec], full, settings, cat, src_splits,
+                out / ("real.h5" if simulated else "all.h5"), [spec], full, settings, cat, None,
                 cache_dir=kdir / "cache", progress=False).units)
             for sub, keys in subsets.items():
                 st.run(f"knowledge/{name}{suffix}-{sub}", lambda full=full, sub=sub, keys=keys, suffix=suffix, name=name:

@@ -31,17 +31,48 @@ exact differences rather than ``|x|^2 + |y|^2 - 2 x.y``, so identical points are
 exactly 0 (copies tie exactly), CD is exactly symmetric, and results do not depend on TF32 or on
 how pairs are blocked. EMD is not implemented (it needs an approximate CUDA matcher to be usable
 at N = 2048).
+
+Speed (CPU): the matrices of :func:`pairwise_chamfer` and :func:`mmd_cov_1nna` are not computed
+from full ``N x M`` distance matrices on the CPU. Each target cloud gets a k-d tree
+(``scipy.spatial.cKDTree``, float64, duplicate points removed) that is queried once with the points
+of every other cloud (two nearest neighbours per point); the distance to the nearest neighbour is
+then recomputed with the same ``torch.cdist`` exact kernel as the brute-force path, so every
+per-point minimum, and hence every CD, is bit-identical to the brute-force value. A point whose
+second neighbour is within a relative ``1e-5`` (or ``1e-15`` absolute) of its first — where the
+float32 rounding of the two candidates could swap their order — falls back to the exact kernel
+against the whole target cloud. CUDA tensors, other dtypes and non-finite coordinates use the
+brute-force path (blocks of ``batch_size`` pairs). Measured on 2 shared CPU cores (random clouds of
+2048 points, identical results): 30 vs 30 clouds 7 s instead of 88 s (same load); 100 vs 100 clouds
+99 s wall / 65 CPU-s instead of 1906 s wall / ~1030 CPU-s. The k-d tree queries are ~85 % of the
+time. The self-distance matrix of a set is cached by content (see :func:`clear_cache`), so
+evaluating one generated set against several reference sets computes its sample-sample matrix once
+(a second, 50-cloud reference set for the same 100 samples: 36 s instead of 63 s).
 """
 from __future__ import annotations
 
+import hashlib
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import numpy as np
 import torch
+from scipy.spatial import cKDTree
 
 _EXACT = "donot_use_mm_for_euclid_dist"
 NORMALISATIONS = ("unit_sphere", "unit_box")
+#: A query point whose 2nd-nearest target point is within this relative (and ``_TIE_ABS``
+#: absolute) distance of its nearest is re-evaluated against the whole target cloud: float32
+#: rounding of the exact kernel (relative error < 3 * 2^-24) can only reorder candidates closer
+#: than that.
+_TIE_REL = 1e-5
+_TIE_ABS = 1e-15
+#: Query points whose exact distances are evaluated in one torch call (~60 bytes per point).
+_QUERY_POINTS = 1 << 20
+#: Self-distance matrices kept by :func:`_self_pairwise_chamfer` (by content), and their size cap.
+_CACHE_ENTRIES = 4
+_CACHE_MAX_CLOUDS = 4096
+_SELF_CACHE: OrderedDict = OrderedDict()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,14 +138,88 @@ def _blocks(total: int, batch_size: int, progress: bool, desc: str) -> Iterator[
         yield start, min(total, start + batch_size)
 
 
+def _tree_path(*clouds: torch.Tensor) -> bool:
+    """Whether the k-d tree engine applies (CPU, float32/64, finite coordinates)."""
+    return all(c.device.type == "cpu" and c.dtype in (torch.float32, torch.float64) and bool(torch.isfinite(c).all())
+               for c in clouds)
+
+
+def _directional(q: torch.Tensor, t: torch.Tensor, skip_same: bool = False, progress: bool = False,
+                 desc: str = "nearest neighbours") -> torch.Tensor:
+    """``(Q, T)`` tensor: ``out[i, j] = mean_p min_m |q[i, p] - t[j, m]|^2``, one direction of CD.
+
+    CPU only. Each per-point minimum is the ``torch.cdist`` exact-kernel value at the nearest
+    neighbour found by a float64 k-d tree over the unique points of ``t[j]`` (ambiguous points —
+    2nd neighbour within ``_TIE_REL`` / ``_TIE_ABS`` of the 1st — are re-evaluated against all of
+    ``t[j]``), so it equals ``torch.cdist(q[i], t[j]).min(1).values`` bit for bit. With
+    ``skip_same`` (``q is t``) the diagonal is left at 0. The exact distances of several targets
+    are evaluated together (``_QUERY_POINTS`` points per torch call) to keep torch calls few.
+    """
+    q, t = q.detach().contiguous(), t.detach().contiguous()
+    num_q, n = q.shape[0], q.shape[1]
+    out = torch.zeros(num_q, t.shape[0], dtype=q.dtype)
+    q_np = q.numpy()
+    q64 = q_np.reshape(-1, 3).astype(np.float64)
+    targets = range(t.shape[0])
+    if progress:
+        from tqdm import tqdm
+
+        targets = tqdm(targets, desc=desc, unit="cloud")
+    pending: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def flush() -> None:
+        # One cdist over all pending (query point, nearest target point) pairs, in stored order.
+        rows = np.concatenate([r for _, r, _, _ in pending])
+        x = torch.from_numpy(q_np[rows].reshape(-1, 1, 3))
+        y = torch.from_numpy(np.concatenate([nb for _, _, nb, _ in pending]).reshape(-1, 1, 3))
+        d = torch.cdist(x, y, compute_mode=_EXACT).view(len(rows), n)
+        offset = 0
+        for j, r, _, amb_p in pending:
+            if len(amb_p):  # ambiguous nearest neighbour: exact kernel against the whole target
+                pts = torch.from_numpy(q_np[r].reshape(-1, 3)[amb_p])
+                exact = torch.cdist(pts[None], t[j][None], compute_mode=_EXACT)[0].min(1).values
+                d[offset:offset + len(r)].view(-1)[torch.from_numpy(amb_p)] = exact
+            offset += len(r)
+        means = d.square().mean(1)
+        offset = 0
+        for j, r, _, _ in pending:
+            out[torch.from_numpy(r), j] = means[offset:offset + len(r)]
+            offset += len(r)
+        pending.clear()
+
+    held = 0
+    for j in targets:
+        unique = np.unique(t[j].numpy(), axis=0)
+        tree = cKDTree(unique.astype(np.float64))
+        rows = np.delete(np.arange(num_q), j) if skip_same else np.arange(num_q)
+        pts = q64.reshape(num_q, n, 3)[rows].reshape(-1, 3) if skip_same else q64
+        if len(unique) > 1:
+            dist, idx = tree.query(pts, 2, workers=-1)
+            ambiguous = np.flatnonzero(dist[:, 1] - dist[:, 0] <= _TIE_REL * dist[:, 0] + _TIE_ABS)
+            idx = idx[:, 0]
+        else:
+            idx, ambiguous = np.zeros(len(pts), np.int64), np.zeros(0, np.int64)
+        pending.append((j, rows, unique[idx], ambiguous))
+        held += len(pts)
+        if held >= _QUERY_POINTS:
+            flush()
+            held = 0
+    if pending:
+        flush()
+    return out
+
+
 def pairwise_chamfer(a: torch.Tensor, b: torch.Tensor, batch_size: int = 64,
                      progress: bool = False) -> torch.Tensor:
     """Chamfer distance (:func:`chamfer_distance`) between every cloud of ``a`` and every cloud of ``b``.
 
-    All ``A * B`` pairs are enumerated and evaluated ``batch_size`` pairs per ``torch.cdist`` call,
-    so peak memory is about ``batch_size * num_points_a * num_points_b`` floats (1 GiB for 64
-    pairs at N = M = 2048 in float32). Each pair is computed independently, so the result does
-    not depend on ``batch_size``.
+    CPU, float32 / float64, finite coordinates: k-d tree nearest neighbours with the exact
+    ``torch.cdist`` value re-evaluated at each neighbour (module docstring), bit-identical to
+    :func:`chamfer_distance` on every pair; ``batch_size`` is then unused. Otherwise (CUDA):
+    all ``A * B`` pairs are enumerated and evaluated ``batch_size`` pairs per ``torch.cdist``
+    call, so peak memory is about ``batch_size * num_points_a * num_points_b`` floats (1 GiB for
+    64 pairs at N = M = 2048 in float32). Each pair is computed independently, so the result
+    does not depend on ``batch_size``.
 
     Args:
         a: ``(num_a, num_points_a, 3)`` float tensor.
@@ -128,7 +233,13 @@ def pairwise_chamfer(a: torch.Tensor, b: torch.Tensor, batch_size: int = 64,
     _check_clouds(a, "a")
     _check_clouds(b, "b")
     a, b = _common_float(a, b)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     num_a, num_b = a.shape[0], b.shape[0]
+    if _tree_path(a, b):
+        with torch.no_grad():
+            return _directional(a, b, progress=progress, desc="CD a->b") + \
+                _directional(b, a, progress=progress, desc="CD b->a").T
     out = torch.empty(num_a * num_b, dtype=a.dtype, device=a.device)
     for start, end in _blocks(num_a * num_b, batch_size, progress, "pairwise CD"):
         k = torch.arange(start, end, device=a.device)
@@ -136,16 +247,41 @@ def pairwise_chamfer(a: torch.Tensor, b: torch.Tensor, batch_size: int = 64,
     return out.view(num_a, num_b)
 
 
+def clear_cache() -> None:
+    """Forget the cached self-distance matrices (see the module docstring)."""
+    _SELF_CACHE.clear()
+
+
 def _self_pairwise_chamfer(a: torch.Tensor, batch_size: int, progress: bool = False) -> torch.Tensor:
-    """``pairwise_chamfer(a, a)`` from the upper triangle only (CD is exactly symmetric)."""
+    """``pairwise_chamfer(a, a)`` from each unordered pair once (CD is exactly symmetric).
+
+    Cached by content (dtype, device, shape and a BLAKE2 digest of the coordinates): the last
+    ``_CACHE_ENTRIES`` results for sets of at most ``_CACHE_MAX_CLOUDS`` clouds.
+    """
     num = a.shape[0]
-    out = torch.zeros(num, num, dtype=a.dtype, device=a.device)
-    rows, cols = torch.triu_indices(num, num, 1, device=a.device)
-    for start, end in _blocks(len(rows), batch_size, progress, "pairwise CD (self)"):
-        i, j = rows[start:end], cols[start:end]
-        cd = chamfer_distance(a[i], a[j])
-        out[i, j] = cd
-        out[j, i] = cd
+    key = None
+    if num <= _CACHE_MAX_CLOUDS:
+        digest = hashlib.blake2b(a.detach().cpu().contiguous().numpy().tobytes(), digest_size=20).hexdigest()
+        key = (str(a.dtype), str(a.device), tuple(a.shape), digest)
+        if key in _SELF_CACHE:
+            _SELF_CACHE.move_to_end(key)
+            return _SELF_CACHE[key].clone()
+    if _tree_path(a):
+        with torch.no_grad():
+            one_way = _directional(a, a, skip_same=True, progress=progress, desc="CD (self)")
+            out = one_way + one_way.T  # [i, j]: CD(a_i, a_j) = (a_i -> a_j) + (a_j -> a_i); diagonal 0
+    else:
+        out = torch.zeros(num, num, dtype=a.dtype, device=a.device)
+        rows, cols = torch.triu_indices(num, num, 1, device=a.device)
+        for start, end in _blocks(len(rows), batch_size, progress, "pairwise CD (self)"):
+            i, j = rows[start:end], cols[start:end]
+            cd = chamfer_distance(a[i], a[j])
+            out[i, j] = cd
+            out[j, i] = cd
+    if key is not None:
+        _SELF_CACHE[key] = out.clone()
+        while len(_SELF_CACHE) > _CACHE_ENTRIES:
+            _SELF_CACHE.popitem(last=False)
     return out
 
 
@@ -159,7 +295,8 @@ def mmd_cov_1nna(sample: torch.Tensor, ref: torch.Tensor, batch_size: int = 64,
     Args:
         sample: ``(num_sample, num_points, 3)`` float tensor, generated clouds.
         ref: ``(num_ref, num_points_ref, 3)`` float tensor, reference clouds, same device.
-        batch_size: cloud pairs per ``torch.cdist`` call (see :func:`pairwise_chamfer`).
+        batch_size: cloud pairs per ``torch.cdist`` call on the brute-force (CUDA) path; unused on
+            the CPU k-d tree path (see :func:`pairwise_chamfer`).
         progress: show progress bars.
 
     Returns:
@@ -175,7 +312,9 @@ def mmd_cov_1nna(sample: torch.Tensor, ref: torch.Tensor, batch_size: int = 64,
           duplicated within a set) every cloud's nearest other is its copy in the other set,
           so 1-NNA is 0.0, not 0.5.
 
-    Cost: ``num_ref * num_sample + (num_ref^2 + num_sample^2) / 2`` Chamfer distances.
+    Cost: ``num_ref * num_sample + (num_ref^2 + num_sample^2) / 2`` Chamfer distances (on the CPU:
+    one k-d tree query per ordered pair of clouds); the two self matrices are cached by content
+    (module docstring), so a second reference set for the same sample reuses the sample's.
 
     Raises:
         ValueError: an empty set, or shapes as in :func:`chamfer_distance`.

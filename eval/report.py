@@ -130,7 +130,7 @@ def update_results_md(path: str | os.PathLike, summary: dict[str, Any]) -> Path:
     name = summary["name"]
     begin, end = f"<!-- experiment:{name} -->", f"<!-- /experiment:{name} -->"
     block = f"{begin}\n{section(summary)}\n{end}"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)

@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from eval.generation import chamfer_distance, evaluate_collections, mmd_cov_1nna, normalize_clouds, pairwise_chamfer
+from eval.generation import (
+    chamfer_distance,
+    clear_cache,
+    evaluate_collections,
+    mmd_cov_1nna,
+    normalize_clouds,
+    pairwise_chamfer,
+)
 from gen3d.collection import write_collection
 from gen3d.dataset import normalize_unit_sphere
 from gen3d.procedural import generate
@@ -245,3 +252,37 @@ def test_evaluate_collections_normalises_and_subsamples(tmp_path):
     assert got["num_points"] == 128
     with pytest.raises(ValueError, match="no shapes"):
         evaluate_collections(a, b, ref_split="test")
+
+
+
+def _brute(a, b):
+    return torch.stack([chamfer_distance(a[i].expand(len(b), -1, -1), b) for i in range(len(a))])
+
+
+@pytest.mark.parametrize("case", ["grid_ties", "duplicates", "float64", "single_point"])
+def test_tree_path_is_bit_identical_to_brute_force(case):
+    gen = torch.Generator().manual_seed(7)
+    if case == "grid_ties":  # points on a lattice: many equidistant neighbours -> fallback rows
+        a = torch.randint(0, 4, (4, 60, 3), generator=gen).float() * 0.25
+        b = torch.randint(0, 4, (3, 50, 3), generator=gen).float() * 0.25 + 0.125
+    elif case == "duplicates":
+        a = torch.randn(4, 20, 3, generator=gen).repeat(1, 3, 1)
+        b = torch.randn(3, 15, 3, generator=gen).repeat(1, 4, 1)
+    elif case == "float64":
+        a = torch.randn(4, 40, 3, generator=gen, dtype=torch.float64)
+        b = torch.randn(3, 30, 3, generator=gen, dtype=torch.float64)
+    else:
+        a = torch.randn(3, 1, 3, generator=gen)
+        b = torch.randn(2, 25, 3, generator=gen)
+    assert torch.equal(pairwise_chamfer(a, b), _brute(a, b))
+    assert torch.equal(pairwise_chamfer(a, a), _brute(a, a))
+
+
+def test_self_matrix_cache_returns_equal_results():
+    gen = torch.Generator().manual_seed(8)
+    s, r1, r2 = (torch.randn(5, 30, 3, generator=gen) for _ in range(3))
+    clear_cache()
+    first = mmd_cov_1nna(s, r1)
+    again = mmd_cov_1nna(s, r1)  # both self matrices from the cache
+    assert first == again
+    assert mmd_cov_1nna(s, r2).keys() == first.keys()
