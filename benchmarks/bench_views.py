@@ -94,7 +94,70 @@ def row_mesh_100k(ctx: Context) -> Row:
                "sampling (point-cloud-utils) + splat + kNN of drawn samples (cKDTree), CPU parts included")
 
 
-ROWS: list[Callable[[Context], Row]] = [row_points_2048, row_points_2048_auto, row_splat_100k, row_mesh_100k]
+def _teacher_row(ctx: Context, name: str, build: Callable[[], object], note: str) -> Row:
+    """10 views through a teacher; the row's time is per call of 10 images."""
+    import warnings
+
+    from gen3d.parts import part_prompts
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random-init warnings: speed only
+        teacher = build()
+    r = render_points(ctx.points, ctx.cameras, normals=ctx.normals, radius="auto")
+    from distill.render import label_maps
+
+    gt = label_maps(r, torch.as_tensor(ctx.record.labels).to(ctx.device))
+    prompts = list(part_prompts("chair"))
+    extra = {"label_maps": gt} if name == "simulated" else {}
+    with torch.no_grad():
+        t = timed(ctx, lambda: teacher(r.image, prompts, **extra), repeats=max(3, ctx.repeats // 4))
+    return Row(f"teacher {name}, 10 images", t, note)
+
+
+def row_teacher_fewshot(ctx: Context) -> Row:
+    from distill.teachers.fewshot import FewShotTeacher, PartUNet, load_fewshot_config
+
+    cfg = load_fewshot_config("configs/distill/teacher_fewshot.yaml")
+    mc = cfg["model"]
+    net = PartUNet(5, widths=mc["widths"], groups=mc["groups"], global_context=mc["global_context"])
+    return _teacher_row(ctx, "fewshot", lambda: FewShotTeacher(net, ["back", "seat", "leg", "arm"], cfg).to(ctx.device).eval(),
+                        "the shipped few-shot U-Net config (untrained weights: same cost)")
+
+
+def row_teacher_simulated(ctx: Context) -> Row:
+    from distill.teachers.simulated import SimulatedTeacher
+
+    return _teacher_row(ctx, "simulated", lambda: SimulatedTeacher(kind="pixel"), "pixel kind, from GT label maps")
+
+
+def row_teacher_clip(ctx: Context) -> Row:
+    from distill.teachers.clip import ClipTeacher
+
+    return _teacher_row(ctx, "clip", lambda: ClipTeacher.random_init("ViT-B-16", allow_random=True, device=ctx.device),
+                        "ViT-B/16 at 224 (random weights: the real model's cost)")
+
+
+def row_teacher_detector(ctx: Context) -> Row:
+    from distill.teachers.detector import DetectorTeacher
+
+    return _teacher_row(ctx, "detector", lambda: DetectorTeacher.random_init(allow_random=True, device=ctx.device),
+                        "tiny random OWLv2 (no real weights here): a lower bound of OWLv2-B/16's cost")
+
+
+def row_extract(ctx: Context) -> Row:
+    from distill.extract import ExtractSettings, extract_shape
+    from distill.teachers.simulated import SimulatedTeacher
+
+    teacher, settings = SimulatedTeacher(kind="pixel"), ExtractSettings()
+    t = timed(ctx, lambda: extract_shape(ctx.record, [teacher], settings, ctx.cameras, device=ctx.device),
+              repeats=max(3, ctx.repeats // 4))
+    return Row("extract one shape: mesh render + simulated teacher + units (Eq. 2)", t,
+               "renders/s column = shapes per second")
+
+
+ROWS: list[Callable[[Context], Row]] = [row_points_2048, row_points_2048_auto, row_splat_100k, row_mesh_100k,
+                                        row_teacher_fewshot, row_teacher_simulated, row_teacher_clip,
+                                        row_teacher_detector, row_extract]
 
 
 def visibility_table(device: torch.device) -> None:
