@@ -43,14 +43,14 @@ def figures(n: int, size: int = 64, seed: int = 0, noise: float = 0.02) -> tuple
                  (2, cx + bw / 2 - lw, top + th + bh, cx + bw / 2, top + th + bh + lh)]
         shade = rng.uniform(-0.05, 0.05)
         for part, x0, y0, x1, y1 in rects:
-            ys, xs = slice(int(round(y0)), int(round(y1))), slice(int(round(x0)), int(round(x1)))
+            ys, xs = slice(round(y0), round(y1)), slice(round(x0), round(x1))
             labels[i, ys, xs] = part
             images[i, :, ys, xs] = GREYS[part] + shade
     images = np.where(labels[:, None] >= 0, images + rng.normal(0, noise, images.shape), images)
     return torch.from_numpy(np.clip(images, 0, 1).astype(np.float32)), torch.from_numpy(labels)
 
 
-def small_config(steps: int = 80) -> dict:
+def small_config(steps: int = 60) -> dict:
     return merge_fewshot_config({"model": {"widths": [16, 32, 48, 64], "groups": 8},
                                  "train": {"image_size": 64, "steps": steps, "batch_size": 8, "lr": 4e-3,
                                            "warmup_steps": 10}})
@@ -92,7 +92,7 @@ def test_fewshot_learns_held_out_figures(trained):
     # The background class is learnt too (predict_labels: -1 = background).
     pred = teacher.predict_labels(images)
     assert (pred == labels).float().mean().item() > 0.9
-    assert teacher.stats["train_foreground_accuracy"] > 0.9 and teacher.stats["steps"] == 80
+    assert teacher.stats["train_foreground_accuracy"] > 0.9 and teacher.stats["steps"] == 60
     assert teacher.stats["pixel_counts"]["background"] > 0 and not teacher.training
 
 
@@ -124,7 +124,7 @@ def test_fewshot_save_load_round_trip(trained, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["teacher"]  # no temporary folders left
     meta = json.loads((folder / "config.json").read_text())
     assert meta["part_names"] == PARTS and meta["category"] == "figure" and meta["shape_ids"][0] == "fig0"
-    assert meta["stats"]["steps"] == 80 and meta["config"]["train"]["image_size"] == 64
+    assert meta["stats"]["steps"] == 60 and meta["config"]["train"]["image_size"] == 64
     loaded = FewShotTeacher.load(folder)
     assert loaded.part_names == PARTS and loaded.shape_ids == teacher.shape_ids
     assert torch.equal(loaded(images, PARTS).probs, teacher(images, PARTS).probs)
@@ -303,7 +303,7 @@ def test_simulated_clean_pixels_are_ground_truth(device):
     out = SimulatedTeacher("pixel", p_miss=0, p_wrong=0)(images_for(lab).to(device), PARTS + ["x"], lab.to(device))
     assert out.kind == "pixel" and out.simulated and out.probs.shape == (6, 4, 48, 48)
     assert out.probs.device.type == device
-    probs, lab = out.probs.cpu(), lab
+    probs = out.probs.cpu()
     fg = lab >= 0
     assert torch.equal(probs.argmax(1)[fg], lab[fg])
     torch.testing.assert_close(probs.sum(1), torch.ones(6, 48, 48))
@@ -327,7 +327,8 @@ def tight_regions(label_map: np.ndarray) -> list[tuple[int, tuple[int, int, int,
 def test_simulated_box_enlarge_and_regions():
     lab = layout(5, seed=8)
     e = 0.25
-    out = SimulatedTeacher("box", p_miss=0, p_wrong=0, box_enlarge=e, min_region_pixels=1)(images_for(lab), PARTS + ["x"], lab)
+    teacher = SimulatedTeacher("box", p_miss=0, p_wrong=0, box_enlarge=e, min_region_pixels=1)
+    out = teacher(images_for(lab), PARTS + ["x"], lab)
     for b in range(5):
         ref = sorted((p, (max(0, x0 - e * (x1 - x0)), max(0, y0 - e * (y1 - y0)),
                           min(48, x1 + e * (x1 - x0)), min(48, y1 + e * (y1 - y0))))
@@ -388,7 +389,8 @@ def test_simulated_rates_and_confidence_independence():
     lab = layout(150, seed=10)
     names = PARTS + ["x"]
     p_miss, p_wrong = 0.3, 0.25
-    teacher = SimulatedTeacher("box", p_miss=p_miss, p_wrong=p_wrong, conf_range=(0.4, 0.9), min_region_pixels=1, seed=1)
+    teacher = SimulatedTeacher("box", p_miss=p_miss, p_wrong=p_wrong, conf_range=(0.4, 0.9), min_region_pixels=1,
+                               seed=1)
     units = teacher.plan(lab, 4, key=0)
     n_units = sum(u.num_units for u in units)
     assert n_units > 600

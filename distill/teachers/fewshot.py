@@ -19,6 +19,13 @@ shapes (about 80-400 images) in a few CPU minutes:
   Dice (Milletari et al., 3DV 2016) over the classes;
 * optimiser: AdamW with linear warm-up and cosine decay (Loshchilov & Hutter, ICLR 2017/2019).
 
+Measured choices (procedural chairs from ``gen3d.procedural``: 8 training shapes x 10 views = 80
+images of 224 x 224, 8 held-out shapes; foreground pixel accuracy on the held-out views; CPU, one
+thread of a loaded 2-core machine): U-Net at 160 px (the shipped default), 600 steps: 95.4 % (1119 s);
+at 128 px, 600 steps: 95.3 % (577 s) — half the time for 0.1 point, set ``train.image_size: 128`` where
+time matters; at 128 px, 300 steps: 94.7 % (289 s); torchvision's ``lraspp_mobilenet_v3_large`` from
+scratch at 160 px, 300 steps: 69.3 % (its BatchNorm statistics do not settle on batches of 8).
+
 The teacher's ``probs float32 [B, R, H, W]`` are the network's softmax with the background class
 dropped and the rest renormalised over the parts (equivalently, a softmax over the ``R`` part
 logits), so they sum to 1 over ``R`` at every pixel; which pixels show the object is the
@@ -168,7 +175,7 @@ class PartUNet(nn.Module):
     between levels), an image-level context branch at the bottleneck (global average pooling, a 1x1
     conv, broadcast and fused), and a decoder of bilinear upsampling, skip concatenation and the same
     blocks; a 1x1 conv gives the logits. With the default widths ``(16, 32, 64, 128, 192)`` it has
-    about 1.4 M parameters.
+    about 1.67 M parameters.
 
     Args:
         num_classes: output classes (``R + 1``: background and ``R`` parts).
@@ -425,7 +432,7 @@ class FewShotTeacher(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: str | torch.device | None = None) -> "FewShotTeacher":
+    def load(cls, directory: str | os.PathLike, device: str | torch.device | None = None) -> FewShotTeacher:
         """Read a teacher written by :meth:`save`.
 
         Args:

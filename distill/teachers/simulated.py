@@ -86,7 +86,7 @@ class SimulatedUnits:
 
     @property
     def num_units(self) -> int:
-        return int(len(self.part))
+        return len(self.part)
 
     @property
     def corrupted(self) -> np.ndarray:
@@ -192,7 +192,8 @@ class SimulatedTeacher:
             missed = np.zeros_like(missed)
         return SimulatedUnits(unit_map, part, pixels, bbox, missed, wrong, other, label, confidence)
 
-    def plan(self, label_maps: torch.Tensor, num_parts: int, key: int | Sequence[int] | None = None) -> list[SimulatedUnits]:
+    def plan(self, label_maps: torch.Tensor, num_parts: int,
+             key: int | Sequence[int] | None = None) -> list[SimulatedUnits]:
         """The corruption decisions for ``label_maps int64 [B, H, W]`` (-1 background) and ``R =
         num_parts`` parts, one :class:`SimulatedUnits` per image. :meth:`__call__` uses exactly
         this plan for the same ``key`` (``key=None`` advances the internal counter).
@@ -209,7 +210,8 @@ class SimulatedTeacher:
             raise ValueError("the simulated teacher needs label_maps (int64 [B, H, W], -1 background): "
                              "it corrupts the ground truth")
         if not isinstance(label_maps, torch.Tensor) or label_maps.ndim != 3:
-            raise ValueError(f"label_maps must be int64 [B, H, W], got {getattr(label_maps, 'shape', type(label_maps))}")
+            got = getattr(label_maps, "shape", type(label_maps))
+            raise ValueError(f"label_maps must be int64 [B, H, W], got {got}")
         if label_maps.is_floating_point() or label_maps.dtype == torch.bool:
             raise ValueError(f"label_maps must be an integer tensor, got {label_maps.dtype}")
         if num_parts < 1:
