@@ -1,5 +1,6 @@
-"""eval: part mIoU, 2D mIoU, mesh transfer (Labeled-PSB, COSEG) and generation metrics.
+"""eval: part mIoU, 2D mIoU, mesh transfer (Labeled-PSB, COSEG), generation metrics, and the
+end-to-end experiments that write ``RESULTS.md``.
 
-Not implemented yet (issue "Evaluation, and the whole pipeline on real data"). It may import
-:mod:`gen3d` and :mod:`distill`; neither imports it. Its command line must not be called ``eval``.
+Command line: ``pdeval`` (:mod:`eval.cli`; not ``eval``). It may import :mod:`gen3d` and
+:mod:`distill`; neither imports it.
 """
