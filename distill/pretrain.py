@@ -58,6 +58,7 @@ from torch.utils.data import ConcatDataset
 
 from gen3d.collection import Collection
 from gen3d.dataset import ShapeDataset
+from gen3d.runs import latest_checkpoint, save_checkpoint, truncate_log
 
 from .geometry import chamfer_l2, three_nn_interpolate
 from .student import (
@@ -381,26 +382,6 @@ def learning_rate(step: int, train: dict[str, Any]) -> float:
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-def _latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint (``step-XXXXXXX`` with its ``meta.json``), or None."""
-    ckpts = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "meta.json").is_file())
-    return ckpts[-1] if ckpts else None
-
-
-def _truncate_log(log: Path, step: int) -> None:
-    """Drop log lines after ``step`` (they are redone) and anything after a torn line."""
-    if not log.exists():
-        return
-    kept = []
-    for line in log.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (json.JSONDecodeError, KeyError, TypeError):
-            break
-    log.write_text("".join(kept))
-
-
 def _replace_dir(tmp: Path, final: Path) -> None:
     old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
@@ -467,13 +448,13 @@ def pretrain(collections: Sequence[str | os.PathLike], out: str | os.PathLike, c
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     step, wall = 0, 0.0
-    ckpt = _latest_checkpoint(out) if resume else None
+    ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         meta = json.loads((ckpt / "meta.json").read_text())
         step, wall = meta["step"], meta["wall_seconds"]
     if accelerator.is_main_process:
-        _truncate_log(out / "log.jsonl", step)
+        truncate_log(out / "log.jsonl", "step", step)
         plain = json.loads(json.dumps(config))  # tuples -> lists for YAML
         (out / "config.yaml").write_text(yaml.safe_dump({**plain, "category": category, "splits": list(splits),
                                                          "collections": [str(c) for c in collections]}))
@@ -520,22 +501,9 @@ def pretrain(collections: Sequence[str | os.PathLike], out: str | os.PathLike, c
 
 def _checkpoint(accelerator, out: Path, step: int, wall: float, model: PointM2AEPretrainer, info: dict,
                 keep: int) -> None:
-    ckpt = out / "checkpoints" / f"step-{step:07d}"
-    # written under a temporary name and renamed once complete: a run killed mid-save resumes from
-    # the previous checkpoint instead of a half-written one
-    tmp = ckpt.with_name(f".{ckpt.name}.tmp")
+    save_checkpoint(accelerator, out / "checkpoints" / f"step-{step:07d}", {"step": step, "wall_seconds": wall}, keep)
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "wall_seconds": wall}))
-        shutil.rmtree(ckpt, ignore_errors=True)
-        os.replace(tmp, ckpt)
         export_encoder(model, out / "encoder", info)
-        for old in sorted((out / "checkpoints").glob("step-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 

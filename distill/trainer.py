@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gen3d.collection import Collection
 from gen3d.dataset import normalize_unit_sphere
+from gen3d.runs import latest_checkpoint, save_checkpoint, truncate_log
 
 from .backward import BackwardTrigger, rescore_flat, score_stats
 from .knowledge import KnowledgeUnits
@@ -532,24 +533,6 @@ def write_model(model: torch.nn.Module, dest: Path, meta: dict[str, Any]) -> Pat
     return dest
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted(p for p in (out / "checkpoints").glob("epoch-*") if (p / "meta.json").is_file())
-    return ckpts[-1] if ckpts else None
-
-
-def _truncate_log(log: Path, epoch: int) -> None:
-    """Drop log lines after the epoch a run resumes from (they will be written again)."""
-    if log.exists():
-        kept = []
-        for line in log.read_text().splitlines():
-            try:
-                if json.loads(line)["epoch"] <= epoch:
-                    kept.append(line + "\n")
-            except (json.JSONDecodeError, KeyError, TypeError):
-                break
-        log.write_text("".join(kept))
-
-
 def _sharded_sum(accelerator, values: torch.Tensor, have: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum per-process partial results (disjoint shards) over processes."""
     if accelerator.num_processes == 1:
@@ -713,7 +696,7 @@ def _train(collection, knowledge, config, out: Path, resume, progress, max_epoch
 
     trigger = BackwardTrigger(bc["tau"], bc["window"], bc["relative"], bc["rescore_every"])
     epoch, wall, best = 0, 0.0, {"val_miou": None, "epoch": None}
-    ckpt = _latest_checkpoint(out) if resume else None
+    ckpt = latest_checkpoint(out, "epoch") if resume else None
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         meta = json.loads((ckpt / "meta.json").read_text())
@@ -721,7 +704,7 @@ def _train(collection, knowledge, config, out: Path, resume, progress, max_epoch
         trigger.load_state_dict(meta["trigger"])
         conf = torch.from_numpy(np.load(ckpt / "confidence.npy")).to(device)
     if resume and accelerator.is_main_process:
-        _truncate_log(out / "log.jsonl", epoch)  # epoch 0 without a checkpoint: the log starts again
+        truncate_log(out / "log.jsonl", "epoch", epoch)  # epoch 0 without a checkpoint: the log starts again
     accelerator.wait_for_everyone()
     cw = weights()
     if accelerator.is_main_process:
@@ -912,22 +895,9 @@ def _val_miou(accelerator, model, points: torch.Tensor, labels: torch.Tensor, nu
 
 def _checkpoint(accelerator, out: Path, epoch: int, wall: float, trigger: BackwardTrigger, conf: torch.Tensor,
                 best: dict, keep: int) -> None:
-    ckpt = out / "checkpoints" / f"epoch-{epoch:03d}"
-    # temporary name, renamed once complete: a run killed mid-save resumes from the previous one
-    tmp = ckpt.with_name(f".{ckpt.name}.tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        np.save(tmp / "confidence.npy", conf.detach().cpu().numpy())
-        (tmp / "meta.json").write_text(json.dumps({"epoch": epoch, "wall_seconds": wall, "trigger": trigger.state_dict(),
-                                                   "best": best}, default=_json_default))
-        shutil.rmtree(ckpt, ignore_errors=True)
-        os.replace(tmp, ckpt)
-        for old in sorted((out / "checkpoints").glob("epoch-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    meta = {"epoch": epoch, "wall_seconds": wall, "trigger": trigger.state_dict(), "best": best}
+    save_checkpoint(accelerator, out / "checkpoints" / f"epoch-{epoch:03d}", json.loads(json.dumps(meta, default=_json_default)),
+                    keep, write_extra=lambda folder: np.save(folder / "confidence.npy", conf.detach().cpu().numpy()))
     accelerator.wait_for_everyone()
 
 

@@ -36,6 +36,7 @@ from diffusers.training_utils import EMAModel
 from .collection import Collection
 from .dataset import normalize_unit_sphere
 from .dit3d import DiT3D, count_parameters
+from .runs import latest_checkpoint, save_checkpoint, truncate_log
 
 DEFAULT_TRAIN = {"batch_size": 16, "lr": 1e-4, "weight_decay": 0.0, "steps": 10000, "ema_decay": 0.999,
                  "checkpoint_every": 500, "log_every": 10, "keep_checkpoints": 2, "seed": 0,
@@ -120,12 +121,6 @@ def training_batch(data: torch.Tensor, scheduler: DDPMScheduler, batch_size: int
     return scheduler.add_noise(x0, noise, t), t, noise
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint (``step-XXXXXXX`` with its ``meta.json``), or None."""
-    ckpts = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "meta.json").is_file())
-    return ckpts[-1] if ckpts else None
-
-
 def _write_model(out: Path, ema: EMAModel, model: DiT3D, scheduler: DDPMScheduler, info: dict) -> None:
     """Write the EMA weights as a diffusers model folder (temporary name, then rename)."""
     export = copy.deepcopy(model)
@@ -183,12 +178,12 @@ def train(config: dict[str, Any], category: str, collections: list[str | os.Path
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(ema)
     step, wall = 0, 0.0
-    ckpt = _latest_checkpoint(out) if resume else None
+    ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         meta = json.loads((ckpt / "meta.json").read_text())
         step, wall = meta["step"], meta["wall_seconds"]
-        _truncate_log(out / "log.jsonl", step)
+        truncate_log(out / "log.jsonl", "step", step)
     if accelerator.is_main_process:
         (out / "config.yaml").write_text(yaml.safe_dump({**config, "category": category,
                                                           "collections": [str(c) for c in collections]}))
@@ -234,37 +229,12 @@ def _checkpoint(accelerator: Accelerator, out: Path, step: int, wall: float, ema
             "parameters": count_parameters(model), "training_shapes": n_shapes, "data": sources,
             "config": config, "device": str(accelerator.device), "processes": accelerator.num_processes,
             "torch": torch.__version__}
-    ckpt = out / "checkpoints" / f"step-{step:07d}"
-    # Written under a temporary name and renamed once complete: a run killed mid-save resumes
-    # from the previous checkpoint instead of a half-written one.
-    tmp = ckpt.with_name(f".{ckpt.name}.tmp")
+    save_checkpoint(accelerator, out / "checkpoints" / f"step-{step:07d}", {"step": step, "wall_seconds": wall},
+                    config["train"]["keep_checkpoints"])
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "wall_seconds": wall}))
-        shutil.rmtree(ckpt, ignore_errors=True)
-        os.replace(tmp, ckpt)
         _write_model(out, ema, model, scheduler, info)
-        for old in sorted((out / "checkpoints").glob("step-*"))[:-config["train"]["keep_checkpoints"]]:
-            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return info
-
-
-def _truncate_log(log: Path, step: int) -> None:
-    """Drop log lines after the checkpoint a run resumes from (they will be produced again)."""
-    if log.exists():
-        kept = []
-        for line in log.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line + "\n")
-            except (json.JSONDecodeError, KeyError, TypeError):
-                break  # a line cut off by the kill: everything after it is redone
-        log.write_text("".join(kept))
 
 
 def export_model(model_dir: str | os.PathLike, dest: str | os.PathLike, half: bool = True) -> Path:
