@@ -75,7 +75,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
               "min_lr_ratio": 0.01, "seed": 0, "mixed_precision": "bf16", "num_points": None, "sampling": "fps",
               "augment": None, "grad_clip": None, "keep_checkpoints": 2, "num_workers": 0, "select": "last"},
     "loss": {"target": "hard", "normalize": "unit", "class_balance": "partdistill", "alpha": 1.0, "beta": 0.9999},
-    "backward": {"enabled": True, "tau": 0.01, "window": 3, "relative": False, "rescore_every": None},
+    "backward": {"enabled": True, "tau": 0.01, "window": 3, "relative": False, "rescore_every": None, "min_epoch": 0},
     "val": {"split": "val", "fraction": 0.0, "seed": 0, "every": 1, "batch_size": 16},
     "fewshot": {"keys": None, "collection": None, "count": 0, "weight": 1.0, "batch_size": 16, "split": "train",
                 "seed": 0},
@@ -694,7 +694,7 @@ def _train(collection, knowledge, config, out: Path, resume, progress, max_epoch
         mass = hard_target_mass(unit_label, unit_size, num_parts, conf, weighted=mode == "inverse")
         return balance_weights(mass, mode, lc["alpha"], lc["beta"])
 
-    trigger = BackwardTrigger(bc["tau"], bc["window"], bc["relative"], bc["rescore_every"])
+    trigger = BackwardTrigger(bc["tau"], bc["window"], bc["relative"], bc["rescore_every"], bc["min_epoch"])
     epoch, wall, best = 0, 0.0, {"val_miou": None, "epoch": None}
     ckpt = latest_checkpoint(out, "epoch") if resume else None
     if ckpt is not None:

@@ -174,7 +174,8 @@ def generation_cmd(samples, reference, out, category, ref_split, max_shapes, see
 @click.option("--results", default="RESULTS.md", show_default=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Markdown file whose section for this experiment is (re)written.")
 @click.option("--coseg", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="COSEG root folder, to evaluate on COSEG too (not implemented for experiments yet).")
+              help="COSEG root folder (<set>/shapes/*.off + <set>/gt/*.seg): also apply every Pre student to the "
+                   "category's COSEG shapes and score them per face (PartDistill Table 4).")
 def experiment_cmd(config, quick, out, results, coseg):
     """Run an end-to-end experiment (generate -> pool -> teachers -> knowledge -> distil -> evaluate)."""
     from .experiment import run_experiment

@@ -15,6 +15,8 @@ stage cached under the output folder so that a re-run resumes:
 8. rows: teacher voting, TTA, Pre, Pre + BD (real / generated / both), Pre + BD with intra-set
    refinement; each distillation row for each seed; predictions on the Labeled-PSB *test* meshes,
    scored per face (5-NN vote) under both mIoU conventions, 2D mIoU before / after BD.
+   With ``coseg=ROOT``: the COSEG sets under ROOT pooled into ``coseg-<hash>.h5`` and every Pre row's
+   student applied to the category's COSEG shapes, scored per face the same way (Table 4 setting).
 9. ``results.json`` and this experiment's section of ``RESULTS.md``.
 
 Nothing is selected on test data: epochs are fixed by the config and the last epoch is used.
@@ -158,9 +160,22 @@ def _test_rows(collection: Path, test_keys: set) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 # scoring
 # ----------------------------------------------------------------------------------------------
-def score_predictions(collection: Path, predictions: Path, rows: list[int], category: str) -> dict[str, Any]:
+def score_predictions(collection: Path, predictions: Path, rows: list[int], category: str,
+                      dataset: str = "labeled-psb") -> dict[str, Any]:
     """Per-face (5-NN vote, per-face and area-weighted) and per-point mIoU of a predictions file on
-    the labelled meshes ``rows`` of ``collection``, under both conventions."""
+    the labelled meshes ``rows`` of ``collection``, under both conventions.
+
+    Args:
+        dataset: ``labeled-psb`` (:meth:`eval.transfer.PartMapping.labeled_psb`) or ``coseg``
+            (:meth:`~eval.transfer.PartMapping.coseg` of the set recorded in each shape's provenance).
+            Faces predicted as a part the data set does not label (COSEG chairs: ``arm``) count as
+            wrong (``unmapped="wrong"``), so every labelled face is scored and a student that predicts
+            an unlabelled part everywhere scores 0, not 1. (For Labeled-PSB chairs and airplanes every
+            model part is labelled, so the choice does not matter there.)
+
+    Raises:
+        ValueError: unknown ``dataset``; COSEG shapes from sets with different part vocabularies.
+    """
     from distill.extract import shape_key
     from distill.predict import read_predictions
     from gen3d.collection import Collection
@@ -168,6 +183,8 @@ def score_predictions(collection: Path, predictions: Path, rows: list[int], cate
     from .metrics import both_conventions
     from .transfer import PartMapping, mesh_transfer_scores
 
+    if dataset not in ("labeled-psb", "coseg"):
+        raise ValueError(f"dataset must be 'labeled-psb' or 'coseg', got {dataset!r}")
     shapes, point_preds, point_items = [], [], []
     with Collection(collection) as c, read_predictions(predictions) as p:
         for i in rows:
@@ -177,8 +194,14 @@ def score_predictions(collection: Path, predictions: Path, rows: list[int], cate
             point_preds.append(labels)
             point_items.append((rec.category, labels, rec.labels.astype(np.int64), len(rec.part_names)))
         names = c.part_names[category]
-    mapping = PartMapping.labeled_psb(category, list(names))
-    faces = mesh_transfer_scores(shapes, point_preds, mapping)
+    if dataset == "labeled-psb":
+        mapping = PartMapping.labeled_psb(category, list(names))
+    else:
+        maps = {s: PartMapping.coseg(s, list(names)) for s in sorted({str(r.provenance.get("set")) for r in shapes})}
+        if len({m.dataset_parts for m in maps.values()}) > 1:
+            raise ValueError(f"{collection}: COSEG sets {sorted(maps)} label different parts; score them separately")
+        mapping = next(iter(maps.values()))
+    faces = mesh_transfer_scores(shapes, point_preds, mapping, unmapped="wrong")
     points = both_conventions(point_items)
     out = {"face_one": faces["per_face"]["one"]["instance_miou"], "face_skip": faces["per_face"]["skip"]["instance_miou"],
            "area_one": faces["area_weighted"]["one"]["instance_miou"],
@@ -262,6 +285,7 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
                                 PoolSettings(), workers=1).total)
     groups = _keys_by(out / "all.h5", cat)
     test_rows = _test_rows(out / "all.h5", groups["test"])
+    coseg_file, coseg_rows = _coseg_collection(coseg, cat, out, st, log) if coseg else (None, [])
     with Collection(out / "all.h5") as c:
         num_parts = len(c.part_names[cat])
 
@@ -358,6 +382,16 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
                             "seconds": time.perf_counter() - t0}
 
                 per_seed.append(st.run(f"row/{row['name']}/{tname}/s{seed}", run_row))
+                if coseg_rows and row["kind"] == "pre":
+                    def run_coseg(rdir=rdir):
+                        pred = rdir / f"{coseg_file.stem}-pred.h5"
+                        predict(rdir / "run", coseg_file, pred, rows=coseg_rows)
+                        scores = score_predictions(coseg_file, pred, coseg_rows, cat, dataset="coseg")
+                        scores.pop("mapping")
+                        return scores
+
+                    per_seed[-1] = {**per_seed[-1], "coseg": st.run(
+                        f"{coseg_file.stem}/{row['name']}/{tname}/s{seed}", run_coseg)}
             results[rid] = {"row": row["name"], "kind": row["kind"], "teacher": tname, "spec": specs[tname],
                             "simulated": simulated, "seeds": seeds, "runs": per_seed}
     vote_2d = {t: knowledge_2d_miou(kdir / f"{t}-test.h5") for t in specs}
@@ -367,7 +401,7 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
                "hardware": hardware(), "counts": {k: len(v) for k, v in groups.items()},
                "generate": cfg["generate"], "distill": dcfg, "teachers": cfg["teachers"]}
     if coseg:
-        summary["coseg"] = "not run: COSEG evaluation of experiment runs is not implemented yet"
+        summary["coseg"] = {"root": str(coseg), "collection": str(coseg_file), "shapes": len(coseg_rows)}
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, default=_json))
     os.replace(tmp, out / "results.json")
@@ -376,6 +410,27 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
 
         update_results_md(results_md, summary)
     return summary
+
+
+def _coseg_collection(root: str | os.PathLike, category: str, out: Path, st: Stages,
+                      log: Callable[[str], None]) -> tuple[Path, list[int]]:
+    """Pool the COSEG sets under ``root`` (:mod:`gen3d.readers.coseg`) into ``OUT/coseg-<hash>.h5``
+    (the hash of the resolved root, so another ``--coseg`` gets its own file and cache) and return
+    it with the rows of ``category``. COSEG shapes are evaluation shapes only: the Pre students,
+    trained without them, are applied to them (PartDistill Table 4)."""
+    import hashlib
+
+    from gen3d.collection import Collection
+    from gen3d.pool import PoolSettings, pool
+
+    root = Path(root).resolve()
+    path = out / f"coseg-{hashlib.sha1(str(root).encode()).hexdigest()[:8]}.h5"
+    st.run(path.stem, lambda: pool(path, [f"coseg:{root}"], PoolSettings(), workers=1).total)
+    with Collection(path) as c:
+        rows = [int(i) for i in c.select(category=category)]
+    if not rows:
+        log(f"COSEG at {root}: no {category} set, no COSEG scores")
+    return path, rows
 
 
 def hardware() -> dict[str, Any]:

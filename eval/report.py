@@ -63,9 +63,14 @@ def section(summary: dict[str, Any]) -> str:
         f"**{t}** = " + (f"8-shot network fitted on {'Labeled-PSB train' if v.get('fit_on') == 'real' else 'procedural'} {cat}s"
                          if v["kind"] == "fewshot" else f"`{v['spec']}` (simulated from ground truth, controlled corruption)")
         for t, v in teachers.items()) + ".", ""]
+    has_coseg = any(x.get("coseg") for r in summary["results"].values() for x in r["runs"])
+    if has_coseg:
+        lines += [f"COSEG: every Pre student applied to {summary['coseg']['shapes']} COSEG {cat}s "
+                  f"(`--coseg {summary['coseg']['root']}`), scored per face like the Labeled-PSB meshes.", ""]
     lines += ["| row | teacher | trained on | mIoU face (one) | mIoU face (skip) | mIoU area (one) | mIoU points (one) "
-              "| 2D mIoU before → after BD | BD epoch | time |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              + ("| COSEG face (one / skip) " if has_coseg else "")
+              + "| 2D mIoU before → after BD | BD epoch | time |",
+              "|---|---|---|---|---|---|---|" + ("---|" if has_coseg else "") + "---|---|---|"]
     for rid, r in summary["results"].items():
         runs = r["runs"]
         two_d = [x.get("miou_2d") for x in runs if x.get("miou_2d")]
@@ -74,9 +79,13 @@ def section(summary: dict[str, Any]) -> str:
             td = f"{_fmt([d['before'] for d in two_d])} → {_fmt([d['after'] for d in two_d])}"
         trig = [x.get("trigger_epoch") for x in runs if x.get("trigger_epoch") is not None]
         secs = np.mean([x["seconds"] for x in runs])
+        co = ""
+        if has_coseg:
+            cs = [x["coseg"] for x in runs if x.get("coseg")]
+            co = f"{_fmt([c['face_one'] for c in cs])} / {_fmt([c['face_skip'] for c in cs])} | " if cs else "– | "
         lines.append(f"| {r['row']} | {r['teacher']} | {runs[0]['train_set']} | {_fmt([x['face_one'] for x in runs])} | "
                      f"{_fmt([x['face_skip'] for x in runs])} | {_fmt([x['area_one'] for x in runs])} | "
-                     f"{_fmt([x['point_one'] for x in runs])} | {td} | {','.join(map(str, trig)) or '–'} | "
+                     f"{_fmt([x['point_one'] for x in runs])} | {co}{td} | {','.join(map(str, trig)) or '–'} | "
                      f"{secs / 60:.1f} min |")
     lines += ["", discussion(summary), ""]
     return "\n".join(lines)
@@ -87,9 +96,12 @@ def discussion(summary: dict[str, Any]) -> str:
     computed from the numbers (not written by hand)."""
     res = summary["results"]
 
-    def get(row: str, teacher: str) -> float | None:
+    def get(row: str, teacher: str, coseg: bool = False) -> float | None:
         r = res.get(f"{row}|{teacher}")
-        return _mean([x["face_one"] for x in r["runs"]]) if r else None
+        if not r:
+            return None
+        return _mean([x["coseg"]["face_one"] for x in r["runs"] if x.get("coseg")] if coseg
+                     else [x["face_one"] for x in r["runs"]])
 
     sentences = []
     teachers = sorted({r["teacher"] for r in res.values()})
@@ -107,6 +119,12 @@ def discussion(summary: dict[str, Any]) -> str:
         if gen is not None and both is not None and real is not None:
             parts.append(f"training on generated + real gives {100 * both:.1f}, generated only {100 * gen:.1f}, "
                          f"real train only {100 * real:.1f} (paper, COSEG chair Table 4: "
+                         f"{PAPER['table4_coseg_chair']['train + generated']} / {PAPER['table4_coseg_chair']['generated']} / "
+                         f"{PAPER['table4_coseg_chair']['train set']})")
+        cgen, cboth, creal = (get(n, t, coseg=True) for n in ("pre_bd_generated", "pre_bd", "pre_bd_real"))
+        if cgen is not None and cboth is not None and creal is not None:
+            parts.append(f"on COSEG, generated + real gives {100 * cboth:.1f}, generated only {100 * cgen:.1f}, "
+                         f"real train only {100 * creal:.1f} (paper Table 4: "
                          f"{PAPER['table4_coseg_chair']['train + generated']} / {PAPER['table4_coseg_chair']['generated']} / "
                          f"{PAPER['table4_coseg_chair']['train set']})")
         if parts:

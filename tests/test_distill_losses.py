@@ -188,6 +188,11 @@ def test_trigger_fires_at_the_right_epoch():
     # never before epoch `window`, even with a flat loss; repeats with rescore_every
     t = BackwardTrigger(tau=0.01, window=3, rescore_every=2)
     assert [e for e in range(1, 10) if t.update(e, 0.5)] == [3, 5, 7, 9]
+    # warm-up: a flat loss from the start fires at min_epoch, not at window
+    warm = BackwardTrigger(tau=0.01, window=3, min_epoch=6)
+    assert [e for e in range(1, 10) if warm.update(e, 0.5)] == [6]
+    with pytest.raises(ValueError, match="min_epoch"):
+        BackwardTrigger(min_epoch=-1)
     # state round trip
     t2 = BackwardTrigger(tau=0.01, window=3, rescore_every=2)
     t2.load_state_dict(t.state_dict())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -11,10 +12,37 @@ from eval.experiment import load_experiment
 from eval.report import update_results_md
 
 
+def _write_coseg_chairs(root, count=3):
+    """Procedural chairs without arms in COSEG's layout (Large_Chairs/shapes/<i>.off, gt/<i>.seg with
+    back = 1, seat = 2, legs = 3 per face, as gen3d/data/coseg.yaml says); returns the root."""
+    from gen3d.procedural import generate
+
+    set_dir = root / "Large_Chairs"
+    (set_dir / "shapes").mkdir(parents=True)
+    (set_dir / "gt").mkdir()
+    index = written = 0
+    while written < count:
+        r = generate("chair", index, seed=77)
+        index += 1
+        if "arm" in {r.part_names[k] for k in np.unique(r.face_labels)}:
+            continue
+        written += 1
+        v, f = r.mesh_vertices, r.mesh_faces
+        lines = ["OFF", f"{len(v)} {len(f)} 0", *(f"{a:.6f} {b:.6f} {c:.6f}" for a, b, c in v),
+                 *(f"3 {a} {b} {c}" for a, b, c in f)]
+        (set_dir / "shapes" / f"{written}.off").write_text("\n".join(lines) + "\n")
+        coseg_label = {"back": 1, "seat": 2, "leg": 3}
+        (set_dir / "gt" / f"{written}.seg").write_text(
+            "".join(f"{coseg_label[r.part_names[k]]}\n" for k in r.face_labels))
+    return root
+
+
 def test_quick_chair_experiment_runs_every_stage_scores_and_resumes(tmp_path):
     out, md = tmp_path / "chair", tmp_path / "RESULTS.md"
     md.write_text("# Results\n\nkept text\n")
-    args = ["experiment", "configs/experiments/chair.yaml", "--quick", "--out", str(out), "--results", str(md)]
+    coseg = _write_coseg_chairs(tmp_path / "COSEG")
+    args = ["experiment", "configs/experiments/chair.yaml", "--quick", "--out", str(out), "--results", str(md),
+            "--coseg", str(coseg)]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "results.json").read_text())
@@ -32,7 +60,16 @@ def test_quick_chair_experiment_runs_every_stage_scores_and_resumes(tmp_path):
     # voting covers points, and an uncorrupted part of the pipeline is scored on real meshes
     assert summary["results"]["voting|simulated"]["runs"][0]["coverage"] > 0.5
     assert summary["results"]["voting|simulated"]["runs"][0]["face_one"] > 0.3
+    # COSEG: every Pre row's student is applied to the 3 COSEG chairs and scored per face; other rows are not
+    assert summary["coseg"]["shapes"] == 3
+    for r in summary["results"].values():
+        for run in r["runs"]:
+            if r["kind"] == "pre":
+                assert run["coseg"]["shapes"] == 3 and 0.0 <= run["coseg"]["face_skip"] <= run["coseg"]["face_one"] <= 1.0
+            else:
+                assert "coseg" not in run
     text = md.read_text()
+    assert "COSEG face (one / skip)" in text
     assert "kept text" in text and "<!-- experiment:chair-quick -->" in text and "| voting | simulated |" in text
     # a re-run resumes from cached stages and rewrites the section in place (not appended twice)
     res = CliRunner().invoke(main, args)
