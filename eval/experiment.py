@@ -13,7 +13,8 @@ stage cached under the output folder so that a re-run resumes:
    subsets per training set: generated + real train, generated only, real train only, test.
 7. ``encoder/``: Point-M2AE pretraining on the unlabelled train shapes (never test shapes).
 8. rows: teacher voting, TTA, Pre, Pre + BD (real / generated / both), Pre + BD with intra-set
-   refinement; each distillation row for each seed; predictions on the Labeled-PSB *test* meshes,
+   refinement; each distillation row for each seed (``distill.seeds``, or the row's own ``seeds``);
+   predictions on the Labeled-PSB *test* meshes,
    scored per face (5-NN vote) under both mIoU conventions, 2D mIoU before / after BD.
    With ``coseg=ROOT``: the COSEG sets under ROOT pooled into ``coseg-<hash>.h5`` and every Pre row's
    student applied to the category's COSEG shapes, scored per face the same way (Table 4 setting).
@@ -340,7 +341,7 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
             if simulated and train_set in ("gen", "genreal") and row["kind"] == "pre":
                 train_set = "real"  # the simulated teacher exists only where labels do
             ksuffix = "-refine" if row.get("refine") else ""
-            seeds = dcfg["seeds"] if row["kind"] == "pre" else [0]
+            seeds = row.get("seeds", dcfg["seeds"]) if row["kind"] == "pre" else [0]
             rid = f"{row['name']}|{tname}"
             per_seed = []
             for seed in seeds:

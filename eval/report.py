@@ -56,7 +56,8 @@ def section(summary: dict[str, Any]) -> str:
              f"Data: {summary['generate']['n']} generated {cat}s (shipped checkpoint, {summary['generate'].get('scheduler', 'ddim')}-"
              f"{summary['generate'].get('steps', 50)}), Labeled-PSB {cat}s "
              f"({summary['counts']['real_train']} train, {summary['counts']['test']} test). "
-             f"Distillation: {summary['distill']['epochs']} epochs, seeds {summary['distill']['seeds']}, student config "
+             f"Distillation: {summary['distill']['epochs']} epochs, seeds per row in the `seeds` column (a single seed "
+             f"where three did not fit the CPU time), student config "
              f"`{summary['distill']['student']}`.", ""]
     teachers = summary["teachers"]
     lines += ["Teachers: " + "; ".join(
@@ -67,10 +68,10 @@ def section(summary: dict[str, Any]) -> str:
     if has_coseg:
         lines += [f"COSEG: every Pre student applied to {summary['coseg']['shapes']} COSEG {cat}s "
                   f"(`--coseg {summary['coseg']['root']}`), scored per face like the Labeled-PSB meshes.", ""]
-    lines += ["| row | teacher | trained on | mIoU face (one) | mIoU face (skip) | mIoU area (one) | mIoU points (one) "
+    lines += ["| row | teacher | trained on | seeds | mIoU face (one) | mIoU face (skip) | mIoU area (one) | mIoU points (one) "
               + ("| COSEG face (one / skip) " if has_coseg else "")
               + "| 2D mIoU before → after BD | BD epoch | time |",
-              "|---|---|---|---|---|---|---|" + ("---|" if has_coseg else "") + "---|---|---|"]
+              "|---|---|---|---|---|---|---|---|" + ("---|" if has_coseg else "") + "---|---|---|"]
     for rid, r in summary["results"].items():
         runs = r["runs"]
         two_d = [x.get("miou_2d") for x in runs if x.get("miou_2d")]
@@ -83,7 +84,7 @@ def section(summary: dict[str, Any]) -> str:
         if has_coseg:
             cs = [x["coseg"] for x in runs if x.get("coseg")]
             co = f"{_fmt([c['face_one'] for c in cs])} / {_fmt([c['face_skip'] for c in cs])} | " if cs else "– | "
-        lines.append(f"| {r['row']} | {r['teacher']} | {runs[0]['train_set']} | {_fmt([x['face_one'] for x in runs])} | "
+        lines.append(f"| {r['row']} | {r['teacher']} | {runs[0]['train_set']} | {len(runs)} | {_fmt([x['face_one'] for x in runs])} | "
                      f"{_fmt([x['face_skip'] for x in runs])} | {_fmt([x['area_one'] for x in runs])} | "
                      f"{_fmt([x['point_one'] for x in runs])} | {co}{td} | {','.join(map(str, trig)) or '–'} | "
                      f"{secs / 60:.1f} min |")
