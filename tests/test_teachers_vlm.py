@@ -13,11 +13,10 @@ import warnings
 import pytest
 import torch
 
+from distill.teachers.base import RandomWeightsWarning, TeacherWeightsError
 from distill.teachers.clip import (
     TINY_CLIP_CONFIG,
     ClipTeacher,
-    RandomWeightsWarning,
-    TeacherWeightsError,
     open_clip_bpe_tokenizer,
 )
 from distill.teachers.detector import (

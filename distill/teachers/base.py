@@ -61,3 +61,12 @@ class Teacher(Protocol):
         parts. ``label_maps int64 [B, H, W]`` (ground-truth part per pixel, -1 background) is only
         used by the simulated teacher."""
         ...
+
+
+class TeacherWeightsError(RuntimeError):
+    """The pretrained weights of a teacher could not be obtained (no network and no local copy).
+    The message says where the weights come from and how to provide them offline."""
+
+
+class RandomWeightsWarning(UserWarning):
+    """A teacher was built with random weights: its predictions are meaningless."""

@@ -28,7 +28,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from distill.teachers.base import TeacherOutput
+from distill.teachers.base import (
+    RandomWeightsWarning,
+    TeacherOutput,
+    TeacherWeightsError,
+)
 from distill.teachers.prompts import expand_prompts
 
 log = logging.getLogger(__name__)
@@ -47,15 +51,6 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 _CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors",
                      "pytorch_model.bin", "open_clip_pytorch_model.pth", "model.pth")
 _CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
-
-class TeacherWeightsError(RuntimeError):
-    """The pretrained weights of a teacher could not be obtained (no network and no local copy).
-    The message says where the weights come from and how to provide them offline."""
-
-
-class RandomWeightsWarning(UserWarning):
-    """A teacher was built with random weights: its predictions are meaningless."""
 
 
 @cache

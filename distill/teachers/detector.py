@@ -35,11 +35,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from distill.teachers.base import TeacherOutput
+from distill.teachers.base import TeacherOutput, TeacherWeightsError
 from distill.teachers.clip import (
     OPENAI_MEAN,
     OPENAI_STD,
-    TeacherWeightsError,
     check_images,
     default_device,
     open_clip_bpe_tokenizer,
