@@ -57,6 +57,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset
 
 from gen3d.collection import Collection
+from gen3d.config import read_yaml_config
 from gen3d.dataset import ShapeDataset
 from gen3d.runs import latest_checkpoint, save_checkpoint, truncate_log
 
@@ -257,15 +258,7 @@ def load_pretrain_config(path: str | os.PathLike | None = None) -> dict[str, Any
         path, cfg = Path("<defaults>"), {}
     else:
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such config")
-        try:
-            cfg = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML: {exc}") from exc
-    unknown = set(cfg) - {"student", "encoder", "decoder", "train", "num_points", "description"}
-    if unknown:
-        raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+        cfg = read_yaml_config(path, {"student", "encoder", "decoder", "train", "num_points", "description"})
     encoder = dict(PAPER_ENCODER)
     student = None
     if cfg.get("student"):

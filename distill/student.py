@@ -52,11 +52,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from gen3d.config import read_yaml_config
 from gen3d.sampling import farthest_point_sample
 
 from .geometry import gather_points, knn, three_nn_interpolate
@@ -702,15 +702,7 @@ def load_student_config(path: str | os.PathLike) -> dict[str, Any]:
         FileNotFoundError; ValueError: not YAML, unknown keys, or sizes :class:`Student` rejects.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such config")
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
-    unknown = set(cfg) - {"model", "num_points", "description"}
-    if unknown:
-        raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+    cfg = read_yaml_config(path, {"model", "num_points", "description"})
     model = dict(cfg.get("model") or {})
     bad = set(model) - STUDENT_KEYS
     if bad:

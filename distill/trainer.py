@@ -53,6 +53,7 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gen3d.collection import Collection
+from gen3d.config import read_yaml_config
 from gen3d.dataset import normalize_unit_sphere
 from gen3d.runs import latest_checkpoint, save_checkpoint, truncate_log
 
@@ -131,12 +132,7 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         FileNotFoundError; ValueError for invalid YAML or unknown keys.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such config")
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+    cfg = read_yaml_config(path)
     try:
         return resolve_config(cfg)
     except ValueError as exc:

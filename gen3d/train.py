@@ -34,6 +34,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
 from .collection import Collection
+from .config import read_yaml_config
 from .dataset import normalize_unit_sphere
 from .dit3d import DiT3D, count_parameters
 from .runs import latest_checkpoint, save_checkpoint, truncate_log
@@ -55,15 +56,7 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         FileNotFoundError; ValueError for unknown keys.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such config")
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
-    unknown = set(cfg) - {"model", "train", "diffusion", "num_points", "description"}
-    if unknown:
-        raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+    cfg = read_yaml_config(path, {"model", "train", "diffusion", "num_points", "description"})
     bad = set(cfg.get("train", {})) - set(DEFAULT_TRAIN)
     if bad:
         raise ValueError(f"{path}: unknown train keys {sorted(bad)} (known: {sorted(DEFAULT_TRAIN)})")
