@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.functional import normalize
 
 from distill.teachers.base import (
     RandomWeightsWarning,
@@ -371,9 +372,7 @@ class ClipTeacher:
         """``images float [B, 3, H, W]`` in [0, 1] -> model input ``[B, 3, h, w]`` at
         :attr:`input_size`, normalised with :attr:`mean` / :attr:`std`, in the model's dtype/device."""
         x = resize_images(images.to(self.device, torch.float32), self.input_size)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return ((x - mean) / std).to(self.dtype)
+        return normalize(x, self.mean, self.std).to(self.dtype)
 
     def _positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
         """``[1 + gh*gw, width]`` positional embedding, bicubically resized from the native grid."""

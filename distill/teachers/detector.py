@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.functional import normalize
 
 from distill.teachers.base import TeacherOutput, TeacherWeightsError
 from distill.teachers.clip import (
@@ -352,9 +353,7 @@ class DetectorTeacher:
         if height != width:
             x = F.pad(x, (0, side - width, 0, side - height), value=self.pad_value)
         x = resize_images(x, self.input_size)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return ((x - mean) / std).to(self.dtype)
+        return normalize(x, self.mean, self.std).to(self.dtype)
 
     @torch.no_grad()
     def raw_predictions(self, images: torch.Tensor, part_prompts: Sequence[str],
