@@ -20,7 +20,7 @@ from eval.generation import mmd_cov_1nna, normalize_clouds
 from gen3d.procedural import generate
 from gen3d.sample import load_generator, resolve_checkpoint, sample_clouds
 
-RUNS = (("ddpm", 1000), ("ddim", 50), ("ddim", 25), ("dpm", 25), ("dpm", 50))
+RUNS = (("ddpm", 1000), ("ddim", 50), ("ddim", 25), ("dpm", 25), ("dpm", 50), ("sde-dpm", 25), ("sde-dpm", 50))
 
 
 def main() -> None:

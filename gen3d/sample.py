@@ -2,11 +2,14 @@
 
 * Schedulers (diffusers), built from the training scheduler's config: ``ddpm``
   (``DDPMScheduler``, ancestral), ``ddim`` (``DDIMScheduler``, eta = 0; the default, 50 steps) and
-  ``dpm`` (``DPMSolverMultistepScheduler``, DPM-Solver++(2M), Lu et al. 2022), at any step count.
+  ``dpm`` (``DPMSolverMultistepScheduler``, DPM-Solver++(2M), Lu et al. 2022) and ``sde-dpm``
+  (the same class with ``algorithm_type="sde-dpmsolver++"``: the stochastic SDE-DPM-Solver++(2M),
+  Lu et al. 2022 §5, whose per-step noise comes from each shape's own generator), at any step count.
   Every scheduler clips the predicted clean cloud to [-1, 1] (the training clouds lie in the unit
   sphere). DDIM keeps the model's epsilon after clipping; DPM-Solver++ re-derives it from the
-  clipped x0, which on our CPU-trained checkpoints drifts points towards the clipping box
-  (see ``benchmarks/bench_sampling.py`` for the measured effect), hence DDIM is the default.
+  clipped x0, which on our CPU-trained checkpoints drifts points towards the clipping box; the
+  SDE variant's injected noise washes that drift out (see ``benchmarks/bench_sampling.py`` for the
+  measured effect). DDIM-50 stays the default.
 * Determinism: shape ``i`` of seed ``s`` starts from noise drawn from its own generator seeded by
   ``(s, i)``, and DDPM's per-step noise comes from the same generator, so a shape does not depend on
   which other shapes share its batch (up to float rounding of batched matrix products).
@@ -35,7 +38,7 @@ from .dit3d import DiT3D
 from .parts import part_names
 from .records import ShapeRecord
 
-SCHEDULERS = ("ddpm", "ddim", "dpm")
+SCHEDULERS = ("ddpm", "ddim", "dpm", "sde-dpm")
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -98,8 +101,9 @@ def make_scheduler(kind: str, model_dir: Path):
     # x0 = (x - sigma * eps) / alpha amplifies eps errors ~150x at t = 999 and diverges.
     if kind == "ddim":
         return DDIMScheduler.from_config(config, clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=False)
-    if kind == "dpm":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+    if kind in ("dpm", "sde-dpm"):
+        algorithm = "dpmsolver++" if kind == "dpm" else "sde-dpmsolver++"
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type=algorithm, solver_order=2,
                                                        thresholding=True, sample_max_value=1.0)
     raise ValueError(f"unknown scheduler {kind!r}; choose one of {SCHEDULERS}")
 

@@ -107,7 +107,7 @@ def tiny_model(tmp_path_factory, mug_data):
     return run / "out" / "model"
 
 
-@pytest.mark.parametrize("scheduler,steps", [("ddpm", 30), ("ddim", 10), ("dpm", 5)])
+@pytest.mark.parametrize("scheduler,steps", [("ddpm", 30), ("ddim", 10), ("dpm", 5), ("sde-dpm", 5)])
 def test_sampling_is_deterministic_and_batch_independent(tmp_path, tiny_model, scheduler, steps):
     a, b = tmp_path / "a.h5", tmp_path / "b.h5"
     generate_collection("mug", 5, a, tiny_model, scheduler, steps, seed=3, batch_size=5, mesh=False, progress=False)
@@ -212,3 +212,11 @@ def test_cli_reconstruct_adds_watertight_meshes(tmp_path):
             v, f, labels = c.mesh(i)
             assert trimesh.Trimesh(v, f, process=False).is_watertight
             assert set(np.unique(labels)) <= {0, 1} and (labels >= 0).all()  # top / leg voted from points
+
+
+def test_cli_offers_every_scheduler():
+    from gen3d.cli import main as gen3d_main
+    from gen3d.sample import SCHEDULERS
+
+    option = next(p for p in gen3d_main.commands["sample"].params if p.name == "scheduler")
+    assert tuple(option.type.choices) == SCHEDULERS
