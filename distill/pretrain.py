@@ -59,7 +59,7 @@ from torch.utils.data import ConcatDataset
 from gen3d.collection import Collection
 from gen3d.config import read_yaml_config
 from gen3d.dataset import ShapeDataset
-from gen3d.runs import latest_checkpoint, save_checkpoint, truncate_log
+from gen3d.runs import resume_checkpoint, save_checkpoint, truncate_log
 
 from .geometry import chamfer_l2, three_nn_interpolate
 from .student import (
@@ -441,10 +441,8 @@ def pretrain(collections: Sequence[str | os.PathLike], out: str | os.PathLike, c
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     step, wall = 0, 0.0
-    ckpt = latest_checkpoint(out) if resume else None
+    ckpt, meta = resume_checkpoint(accelerator, out) if resume else (None, {})
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        meta = json.loads((ckpt / "meta.json").read_text())
         step, wall = meta["step"], meta["wall_seconds"]
     if accelerator.is_main_process:
         truncate_log(out / "log.jsonl", "step", step)

@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from gen3d.collection import Collection
 from gen3d.config import read_yaml_config
 from gen3d.dataset import normalize_unit_sphere
-from gen3d.runs import latest_checkpoint, save_checkpoint, truncate_log
+from gen3d.runs import resume_checkpoint, save_checkpoint, truncate_log
 
 from .backward import BackwardTrigger, rescore_flat, score_stats
 from .knowledge import KnowledgeUnits
@@ -692,10 +692,8 @@ def _train(collection, knowledge, config, out: Path, resume, progress, max_epoch
 
     trigger = BackwardTrigger(bc["tau"], bc["window"], bc["relative"], bc["rescore_every"], bc["min_epoch"])
     epoch, wall, best = 0, 0.0, {"val_miou": None, "epoch": None}
-    ckpt = latest_checkpoint(out, "epoch") if resume else None
+    ckpt, meta = resume_checkpoint(accelerator, out, "epoch") if resume else (None, {})
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        meta = json.loads((ckpt / "meta.json").read_text())
         epoch, wall, best = meta["epoch"], meta["wall_seconds"], meta["best"]
         trigger.load_state_dict(meta["trigger"])
         conf = torch.from_numpy(np.load(ckpt / "confidence.npy")).to(device)

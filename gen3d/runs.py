@@ -21,6 +21,20 @@ def latest_checkpoint(out: str | os.PathLike, prefix: str = "step") -> Path | No
     return ckpts[-1] if ckpts else None
 
 
+def resume_checkpoint(accelerator, out: str | os.PathLike, prefix: str = "step") -> tuple[Path | None, dict[str, Any]]:
+    """Load the newest complete checkpoint (:func:`latest_checkpoint`) into ``accelerator``
+    (``accelerator.load_state``: models, optimizers, registered objects, RNG states).
+
+    Returns:
+        ``(folder, meta)`` with ``meta`` its ``meta.json``, or ``(None, {})`` when there is none.
+    """
+    ckpt = latest_checkpoint(out, prefix)
+    if ckpt is None:
+        return None, {}
+    accelerator.load_state(str(ckpt))
+    return ckpt, json.loads((ckpt / "meta.json").read_text())
+
+
 def save_checkpoint(accelerator, ckpt: Path, meta: dict[str, Any], keep: int,
                     write_extra: Callable[[Path], None] | None = None) -> None:
     """``accelerator.save_state`` into ``ckpt`` atomically, with ``meta.json`` (and whatever

@@ -37,7 +37,7 @@ from .collection import Collection
 from .config import read_yaml_config
 from .dataset import normalize_unit_sphere
 from .dit3d import DiT3D, count_parameters
-from .runs import latest_checkpoint, save_checkpoint, truncate_log
+from .runs import resume_checkpoint, save_checkpoint, truncate_log
 
 DEFAULT_TRAIN = {"batch_size": 16, "lr": 1e-4, "weight_decay": 0.0, "steps": 10000, "ema_decay": 0.999,
                  "checkpoint_every": 500, "log_every": 10, "keep_checkpoints": 2, "seed": 0,
@@ -171,10 +171,8 @@ def train(config: dict[str, Any], category: str, collections: list[str | os.Path
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(ema)
     step, wall = 0, 0.0
-    ckpt = latest_checkpoint(out) if resume else None
+    ckpt, meta = resume_checkpoint(accelerator, out) if resume else (None, {})
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        meta = json.loads((ckpt / "meta.json").read_text())
         step, wall = meta["step"], meta["wall_seconds"]
         truncate_log(out / "log.jsonl", "step", step)
     if accelerator.is_main_process:
