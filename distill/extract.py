@@ -7,7 +7,8 @@ Eqs. 1-2). Units of several teachers are pooled, each tagged with its teacher. W
 part labels, the ground-truth label map of every view and the pixel-to-point map are kept too (for the
 2D mIoU of :mod:`eval.metrics`).
 
-Each finished shape is written to a cache file ``CACHE/<settings hash>/<shape key hash>.npz``
+Each finished shape is written to a cache file ``CACHE/<settings hash>/<shape hash>.npz`` (the
+shape hash covers its key, points and labels)
 (temporary name, then rename), where the settings hash covers the teachers (spec and weight files)
 and every render / extraction setting. A re-run skips cached shapes, so an interrupted run resumes,
 and the knowledge file is assembled from the cache at the end (temporary name, then rename).
@@ -81,8 +82,16 @@ def shape_key(coll: Collection, index: int) -> tuple[str, str, str]:
     return (str(coll.sources[index]), str(coll.provenance(index).get("dataset", "")), str(coll.shape_ids[index]))
 
 
-def _key_hash(key: tuple[str, str, str]) -> str:
-    return hashlib.sha1("\x1f".join(key).encode()).hexdigest()[:20]
+def _cache_name(coll: Collection, index: int) -> str:
+    """Cache file name of a shape: a hash of its key *and* its content (points and labels), so a
+    shape re-pooled under the same key with other geometry (another orientation, point count or
+    sampling seed) is extracted again instead of read stale from the cache."""
+    h = hashlib.sha1("\x1f".join(shape_key(coll, index)).encode())
+    h.update(np.ascontiguousarray(coll.points(index), np.float32).tobytes())
+    labels = coll.labels(index)
+    if labels is not None:
+        h.update(np.ascontiguousarray(labels, np.int16).tobytes())
+    return h.hexdigest()[:24] + ".npz"
 
 
 def extract_shape(record: ShapeRecord, teachers: Sequence[Any], settings: ExtractSettings,
@@ -223,13 +232,14 @@ def extract(collection: str | os.PathLike, teacher_specs: Sequence[str], out: st
         teachers = [load_teacher(s, device=device) for s in specs]
         cams = partslip_cameras(settings.num_views, (settings.image_size, settings.image_size)).to(device)
         mine = indices[state.process_index::state.num_processes]
-        todo = [i for i in mine if not (cache / f"{_key_hash(shape_key(coll, int(i)))}.npz").exists()]
+        names_by_row = {int(i): _cache_name(coll, int(i)) for i in indices}
+        todo = [i for i in mine if not (cache / names_by_row[int(i)]).exists()]
         totals = {"render": 0.0, "teacher": 0.0, "extract": 0.0}
         t0 = time.perf_counter()
         for i in tqdm(todo, desc=f"extract {category}", disable=not (progress and state.is_main_process)):
             record = coll.record(int(i))
             units, extras, timing = extract_shape(record, teachers, settings, cams, key=int(i), device=device)
-            save_shape_cache(cache / f"{_key_hash(record.key)}.npz", record.key, units, extras)
+            save_shape_cache(cache / names_by_row[int(i)], record.key, units, extras)
             for k, v in timing.items():
                 totals[k] += v
         state.wait_for_everyone()
@@ -237,8 +247,7 @@ def extract(collection: str | os.PathLike, teacher_specs: Sequence[str], out: st
         if state.is_main_process:
             shapes = []
             for i in indices:
-                key = shape_key(coll, int(i))
-                k, units, extras = load_shape_cache(cache / f"{_key_hash(key)}.npz")
+                k, units, extras = load_shape_cache(cache / names_by_row[int(i)])
                 n_units += units.num_units
                 shapes.append((tuple(k), units, extras))
             write_knowledge(out, shapes, category=category, part_names=list(names),

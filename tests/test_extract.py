@@ -58,6 +58,15 @@ def test_extract_writes_units_for_every_shape_and_resumes_from_cache(tmp_path, c
     with KnowledgeFile(out) as a:
         n_units = [a.units(i).num_units for i in range(len(a))]
     assert sum(n_units) == rep.units and len(first) > 0
+    # the same keys with other geometry (pooled again with another point count) are extracted again,
+    # into the same cache folder, not read back stale
+    other = tmp_path / "chairs_512.h5"
+    pool(other, ["procedural:chair:3:seed=0"], PoolSettings(num_points=512))
+    rep3 = extract(other, [SIM], tmp_path / "k512.h5", FAST, cache_dir=out.with_name(out.name + ".cache"),
+                   progress=False)
+    assert rep3.extracted == 3 and rep3.cached == 0
+    with KnowledgeFile(tmp_path / "k512.h5") as kf:
+        assert all(kf.units(i).point_index.max() < 512 for i in range(len(kf)))
 
 
 def test_uncorrupted_simulated_teacher_gives_units_that_agree_exactly_with_ground_truth(tmp_path, chairs):
