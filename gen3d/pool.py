@@ -6,7 +6,8 @@ Source specifications (``:``-separated; positional arguments first, then ``key=v
 ``procedural:CATEGORY:COUNT[:seed=S][:split=SPLIT]``  procedural labelled shapes (chair, table,
 ``[:start=K]``                                        airplane, mug), :mod:`gen3d.procedural`
 ``labeled-psb[:CATEGORIES][:split=train|test]``       Labeled PSB; CATEGORIES comma-separated or
-``[:root=PATH][:names=shapenet|psb]``                 ``all``; root defaults to the shared archive
+``[:root=PATH][:names=shapenet|psb]``                 ``all``; root defaults to the shared archive;
+``[:orient=canonical|none]``                          chairs/airplanes/tables in ShapeNet's pose
 ``psb[:CATEGORIES][:root=PATH]``                      PSB meshes (Chen 2009), unlabelled
 ``shapenetpart:ROOT[:category=C][:split=S]``          ShapeNetPart, any of its three layouts
 ``[:layout=auto|v0|normal|hdf5][:splits=DIR]``
@@ -117,6 +118,12 @@ def _splits(spec: SourceSpec) -> set[str] | None:
     return set(spec.options["split"].split(",")) if "split" in spec.options else None
 
 
+def _orient(spec: SourceSpec, value: str) -> bool:
+    if value not in ("canonical", "none"):
+        raise ValueError(f"source {spec.text!r}: orient must be 'canonical' or 'none', got {value!r}")
+    return value == "canonical"
+
+
 def _categories(value: str | None) -> list[str] | None:
     return None if value in (None, "", "all") else value.split(",")
 
@@ -143,7 +150,8 @@ def expand_source(spec: SourceSpec, settings: PoolSettings) -> Iterator[Task | S
             if splits is None or psb.labeled_psb_split(item.category, item.mesh_id) in splits:
                 yield Task(("real", "labeled-psb", str(item.mesh_id)), psb.labeled_psb_record,
                            dict(item=item, num_points=s.num_points, seed=s.seed,
-                                part_names=o.get("names", "shapenet"), keep_mesh=s.keep_mesh))
+                                part_names=o.get("names", "shapenet"), keep_mesh=s.keep_mesh,
+                                orient=_orient(spec, o.get("orient", "canonical"))))
     elif spec.kind == "psb":
         from .readers import psb
 

@@ -64,13 +64,13 @@ def _point_triangle_distance(p, tri):
 
 
 def test_shapenet_mapping_and_split(labeled_psb_files):
-    chairs = [labeled_psb_record(f, 1024) for f in labeled_psb_files if f.category == "Chair"]
+    chairs = [labeled_psb_record(f, 1024, orient=False) for f in labeled_psb_files if f.category == "Chair"]
     assert {c.category for c in chairs} == {"chair"}
     assert chairs[0].part_names == ("back", "seat", "leg", "arm")
     assert Counter(c.split for c in chairs) == {"train": 10, "test": 10}
     assert [c.shape_id for c in chairs if c.split == "train"] == [str(i) for i in range(101, 111)]
     # semantics survive the mapping: along the axis that separates back and legs most, the seat
-    # lies between them (PSB meshes are not consistently oriented: 104-106 are z-up, others y-up)
+    # lies between them (raw PSB meshes are not consistently oriented: 104-106 are z-up, others y-up)
     up_axes = []
     for c in chairs:
         m = {n: c.points[c.labels == k].mean(0) for k, n in enumerate(c.part_names) if (c.labels == k).any()}
@@ -191,3 +191,58 @@ def test_missing_archive_and_broken_archive(tmp_path):
     (tmp_path / "LabeledDB_new" / "Chair" / "101.off").write_bytes(GOOD_OFF)
     with pytest.raises(DataFormatError, match="no label file"):
         list(iter_labeled_psb_files(tmp_path / "LabeledDB_new"))
+
+
+def _centroid(rec, part):
+    return rec.points[rec.labels == rec.part_names.index(part)].mean(0)
+
+
+def test_chairs_airplanes_and_tables_are_put_in_shapenet_pose(labeled_psb_files):
+    """All 60 Labeled-PSB chairs, airplanes and tables end up in the procedural shapes' pose: +y up,
+    chair backs and airplane tails at -z, airplanes thinnest along y, long table sides along x."""
+    items = [f for f in labeled_psb_files if f.category in ("Chair", "Airplane", "Table")]
+    assert len(items) == 60
+    turned = 0
+    for item in items:
+        rec = labeled_psb_record(item, num_points=1024, keep_mesh=True)
+        raw = labeled_psb_record(item, num_points=1024, keep_mesh=True, orient=False)
+        rot = np.array(rec.provenance["rotation"], np.float64)
+        # a proper signed permutation, applied to the mesh and the points alike
+        assert np.allclose(np.abs(rot).sum(0), 1) and np.allclose(np.abs(rot).sum(1), 1)
+        assert round(np.linalg.det(rot)) == 1 and raw.provenance["rotation"] is None
+        np.testing.assert_allclose(rec.mesh_vertices, raw.mesh_vertices @ rot.T, atol=1e-5)
+        np.testing.assert_allclose(rec.points, raw.points @ rot.T, atol=1e-5)
+        turned += not np.allclose(rot, np.eye(3))
+        extent = rec.points.max(0) - rec.points.min(0)
+        if rec.category == "chair":
+            back, seat, leg = (_centroid(rec, p) for p in ("back", "seat", "leg"))
+            assert back[1] > seat[1] > leg[1] and back[2] < seat[2], item.mesh_id
+        elif rec.category == "airplane":
+            body, tail = _centroid(rec, "body"), _centroid(rec, "tail")
+            assert tail[2] < body[2] - 0.2 and extent[1] == extent.min(), item.mesh_id
+            fin = rec.points[rec.labels == rec.part_names.index("tail"), 1] - body[1]
+            assert fin.max() > -fin.min(), item.mesh_id
+        else:
+            assert _centroid(rec, "top")[1] > _centroid(rec, "leg")[1] and extent[0] >= extent[2] - 0.01, item.mesh_id  # (vertex vs sample extent)
+    assert turned >= 20  # most of them needed it
+
+
+def test_canonical_rotation_undoes_any_axis_aligned_turn_of_procedural_shapes():
+    from itertools import permutations, product
+
+    from gen3d.orient import canonical_rotation
+    from gen3d.procedural import generate
+
+    turns = [np.eye(3)[list(p)] * np.array(s)[:, None] for p in permutations(range(3)) for s in product((1, -1), repeat=3)]
+    turns = [t for t in turns if round(np.linalg.det(t)) == 1]
+    assert len(turns) == 24
+    for category in ("chair", "airplane", "table"):
+        rec = generate(category, 3, seed=5)
+        for t in turns:
+            rot = canonical_rotation(category, rec.mesh_vertices @ t.T, rec.mesh_faces, rec.face_labels, rec.part_names)
+            back = rot @ t
+            if category == "table":  # a table is symmetric under a half turn about y: either is right
+                assert np.allclose(back, np.eye(3)) or np.allclose(back, np.diag([-1.0, 1.0, -1.0])), t.tolist()
+            else:
+                np.testing.assert_allclose(back, np.eye(3), atol=1e-9, err_msg=f"{category} {t.tolist()}")
+    assert canonical_rotation("mug", rec.mesh_vertices, rec.mesh_faces, rec.face_labels, rec.part_names) is None

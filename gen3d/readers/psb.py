@@ -34,6 +34,7 @@ import numpy as np
 
 from ..errors import DataFormatError
 from ..meshio import parse_off, read_off
+from ..orient import canonical_rotation
 from ..parts import load_table
 from ..parts import part_names as shapenet_part_names
 from ..records import ShapeRecord
@@ -204,8 +205,13 @@ def iter_labeled_psb_files(source: str | os.PathLike, categories: Iterable[str] 
 
 
 def labeled_psb_record(item: LabeledPSBFile, num_points: int = 2048, seed: int = 0, part_names: str = "shapenet",
-                       keep_mesh: bool = True) -> ShapeRecord:
+                       keep_mesh: bool = True, orient: bool = True) -> ShapeRecord:
     """Parse one Labeled-PSB pair into a record (points sampled with face labels).
+
+    With ``orient`` (default), chairs, airplanes and tables are rotated into ShapeNet's pose by the
+    axis-aligned rotation :func:`gen3d.orient.canonical_rotation` derives from their labelled parts
+    (recorded as ``provenance["rotation"]``, a 3x3 list, or None where no rule applies); the raw
+    meshes are not consistently oriented.
 
     Raises:
         DataFormatError: a malformed mesh or label file, or labels that do not fit the mesh.
@@ -216,17 +222,25 @@ def labeled_psb_record(item: LabeledPSBFile, num_points: int = 2048, seed: int =
     category, names, mapping = target_names(item.category, part_names)
     poly_labels = face_labels_from_parts(parts, num_polys, mapping, names, item.labels_name)
     unlabelled = int((poly_labels < 0).sum())
+    vertices, rotation = mesh.vertices, None
+    if orient:
+        _, sn_names, sn_mapping = target_names(item.category, "shapenet")
+        sn_labels = face_labels_from_parts(parts, num_polys, sn_mapping, sn_names, item.labels_name)
+        rotation = canonical_rotation(category, mesh.vertices, mesh.faces, sn_labels[mesh.face_source], sn_names)
+        if rotation is not None:
+            vertices = (np.asarray(mesh.vertices, np.float64) @ rotation.T).astype(np.float32)
     return mesh_record(
-        mesh.vertices, mesh.faces, poly_labels[mesh.face_source], shape_id=str(item.mesh_id), category=category,
+        vertices, mesh.faces, poly_labels[mesh.face_source], shape_id=str(item.mesh_id), category=category,
         source="real", split=labeled_psb_split(item.category, item.mesh_id), part_names=names,
         num_points=num_points, seed=seed, keep_mesh=keep_mesh,
         provenance={"dataset": "labeled-psb", "psb_category": item.category, "file": item.off_name,
-                    "labels_file": item.labels_name, "part_names": part_names, "unlabelled_faces": unlabelled})
+                    "labels_file": item.labels_name, "part_names": part_names, "unlabelled_faces": unlabelled,
+                    "rotation": None if rotation is None else rotation.round().astype(int).tolist()})
 
 
 def read_labeled_psb(source: str | os.PathLike, categories: Iterable[str] | None = None,
                      splits: Iterable[str] | None = None, num_points: int = 2048, seed: int = 0,
-                     part_names: str = "shapenet", keep_mesh: bool = True) -> Iterator[ShapeRecord]:
+                     part_names: str = "shapenet", keep_mesh: bool = True, orient: bool = True) -> Iterator[ShapeRecord]:
     """Read Labeled-PSB meshes as records (see the module docstring for layout, names, split).
 
     Args:
@@ -237,6 +251,7 @@ def read_labeled_psb(source: str | os.PathLike, categories: Iterable[str] | None
         seed: sampling seed (per-shape seeds derive from it and the mesh id).
         part_names: ``"shapenet"`` or ``"psb"``.
         keep_mesh: store the mesh and per-face labels in the record.
+        orient: rotate chairs, airplanes and tables into ShapeNet's pose (:func:`labeled_psb_record`).
 
     Yields:
         :class:`ShapeRecord` with ``source="real"``, ``shape_id`` the PSB id.
@@ -244,7 +259,7 @@ def read_labeled_psb(source: str | os.PathLike, categories: Iterable[str] | None
     splits = None if splits is None else set(splits)
     for item in iter_labeled_psb_files(source, categories):
         if splits is None or labeled_psb_split(item.category, item.mesh_id) in splits:
-            yield labeled_psb_record(item, num_points, seed, part_names, keep_mesh)
+            yield labeled_psb_record(item, num_points, seed, part_names, keep_mesh, orient)
 
 
 # ----------------------------------------------------------------------------------------------
