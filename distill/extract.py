@@ -7,10 +7,9 @@ Eqs. 1-2). Units of several teachers are pooled, each tagged with its teacher. W
 part labels, the ground-truth label map of every view and the pixel-to-point map are kept too (for the
 2D mIoU of :mod:`eval.metrics`).
 
-Each finished shape is written to a cache file ``CACHE/<settings hash>/<shape hash>.npz`` (the
-shape hash covers its key, points and labels)
+Each finished shape is written to a cache file ``CACHE/<settings hash>/<shape hash>.npz``
 (temporary name, then rename), where the settings hash covers the teachers (spec and weight files)
-and every render / extraction setting. A re-run skips cached shapes, so an interrupted run resumes,
+and every render / extraction setting, and the shape hash its key, points and labels. A re-run skips cached shapes, so an interrupted run resumes,
 and the knowledge file is assembled from the cache at the end (temporary name, then rename).
 Work is split across processes with Accelerate's :class:`~accelerate.PartialState`
 (``accelerate launch`` / ``torchrun``): process ``k`` of ``P`` takes shapes ``k, k+P, ...``.
