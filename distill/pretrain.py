@@ -39,7 +39,6 @@ rewritten at every checkpoint and loadable by :meth:`distill.student.Student.loa
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -59,7 +58,7 @@ from torch.utils.data import ConcatDataset
 from gen3d.collection import Collection
 from gen3d.config import read_yaml_config
 from gen3d.dataset import ShapeDataset
-from gen3d.runs import resume_checkpoint, save_checkpoint, truncate_log
+from gen3d.runs import resume_checkpoint, save_checkpoint, truncate_log, warmup_cosine
 
 from .geometry import chamfer_l2, three_nn_interpolate
 from .student import (
@@ -365,11 +364,8 @@ def pretraining_batch(data: ConcatDataset, batch_size: int, num_coarse: int, see
 
 def learning_rate(step: int, train: dict[str, Any]) -> float:
     """Linear warm-up over ``warmup_steps`` then cosine decay to ``min_lr`` at ``steps`` (step is 0-based)."""
-    lr, warm, total = train["lr"], train["warmup_steps"], train["steps"]
-    if warm and step < warm:
-        return lr * (step + 1) / warm
-    progress = min(1.0, (step - warm) / max(1, total - warm))
-    return train["min_lr"] + (lr - train["min_lr"]) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    lr = train["lr"]
+    return lr * warmup_cosine(step, train["steps"], train["warmup_steps"], train["min_lr"] / lr if lr else 0.0)
 
 
 # ----------------------------------------------------------------------------------------------

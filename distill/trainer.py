@@ -39,7 +39,6 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import math
 import os
 import shutil
 import time
@@ -55,7 +54,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from gen3d.collection import Collection
 from gen3d.config import read_yaml_config
 from gen3d.dataset import normalize_unit_sphere
-from gen3d.runs import resume_checkpoint, save_checkpoint, truncate_log
+from gen3d.runs import resume_checkpoint, save_checkpoint, truncate_log, warmup_cosine
 
 from .backward import BackwardTrigger, rescore_flat, score_stats
 from .knowledge import KnowledgeUnits
@@ -488,9 +487,7 @@ def _lr_at(tc: dict, epoch: int) -> float:
     """Learning rate of (1-based) ``epoch``: constant, or cosine from lr to lr * min_lr_ratio."""
     if tc["lr_schedule"] == "constant":
         return float(tc["lr"])
-    total = max(int(tc["epochs"]), 1)
-    lo = tc["lr"] * tc["min_lr_ratio"]
-    return float(lo + 0.5 * (tc["lr"] - lo) * (1 + math.cos(math.pi * (epoch - 1) / total)))
+    return float(tc["lr"] * warmup_cosine(epoch - 1, max(int(tc["epochs"]), 1), 0, tc["min_lr_ratio"]))
 
 
 def _json_default(obj):

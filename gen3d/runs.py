@@ -8,6 +8,7 @@ after its checkpoint (they are written again).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -33,6 +34,17 @@ def resume_checkpoint(accelerator, out: str | os.PathLike, prefix: str = "step")
         return None, {}
     accelerator.load_state(str(ckpt))
     return ckpt, json.loads((ckpt / "meta.json").read_text())
+
+
+def warmup_cosine(step: int, total: int, warmup: int = 0, min_ratio: float = 0.0) -> float:
+    """Learning-rate factor of 0-based ``step``: linear warm-up ``(step + 1) / warmup`` over the first
+    ``warmup`` steps, then cosine decay from 1 to ``min_ratio`` over the remaining ``total - warmup``
+    (SGDR's schedule without restarts, Loshchilov & Hutter, ICLR 2017), held at ``min_ratio`` after
+    ``total``. Multiply by the base learning rate."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def save_checkpoint(accelerator, ckpt: Path, meta: dict[str, Any], keep: int,

@@ -49,8 +49,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
+
+from gen3d.config import read_yaml_config
+from gen3d.runs import warmup_cosine
 
 from .base import TeacherOutput
 
@@ -149,16 +151,7 @@ def load_fewshot_config(path: str | os.PathLike | None = None) -> dict[str, Any]
         if not DEFAULT_CONFIG_PATH.is_file():
             return default_fewshot_config()
         path = DEFAULT_CONFIG_PATH
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such few-shot teacher config")
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    return merge_fewshot_config(cfg, source=str(path))
+    return merge_fewshot_config(read_yaml_config(path), source=str(path))
 
 
 # ---------------------------------------------------------------------------------------- network
@@ -476,13 +469,6 @@ class FewShotTeacher(nn.Module):
 
 # -------------------------------------------------------------------------------------- training
 
-def _cosine_lr(step: int, steps: int, warmup: int, min_ratio: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
 def _dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Soft Dice loss, mean over the classes present in the batch (target or prediction)."""
     probs = logits.softmax(1)
@@ -579,7 +565,7 @@ def fit_fewshot(images: torch.Tensor, label_maps: torch.Tensor, part_names: Sequ
     net.to(dev).train()
     opt = torch.optim.AdamW(net.parameters(), lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]))
     steps, warmup = int(tc["steps"]), int(tc["warmup_steps"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps, warmup, float(tc["min_lr_ratio"])))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup, float(tc["min_lr_ratio"])))
     g = torch.Generator().manual_seed(int(seed))
     losses: list[float] = []
     start = time.perf_counter()
