@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import mannwhitneyu
 
 from .losses import UnitBatch
 
@@ -110,15 +111,14 @@ def rescore(model: torch.nn.Module, dataset, indices: Sequence[int] | None = Non
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` for telling ``positive`` from the rest (Mann-Whitney U,
-    average ranks for ties). NaN if either class is empty."""
+    """Area under the ROC curve of ``scores`` for telling ``positive`` from the rest: the Mann-Whitney
+    U of the positives (``scipy.stats.mannwhitneyu``, ties counted half) over ``n_pos * n_neg``.
+    NaN if either class is empty."""
     scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]       # 1-based average ranks
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(mannwhitneyu(scores[positive], scores[~positive]).statistic / (n_pos * n_neg))
 
 
 def score_stats(scores: np.ndarray, corrupted: np.ndarray | None = None, bins: int = 10) -> dict[str, Any]:

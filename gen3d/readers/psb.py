@@ -224,8 +224,10 @@ def labeled_psb_record(item: LabeledPSBFile, num_points: int = 2048, seed: int =
     unlabelled = int((poly_labels < 0).sum())
     vertices, rotation = mesh.vertices, None
     if orient:
-        _, sn_names, sn_mapping = target_names(item.category, "shapenet")
-        sn_labels = face_labels_from_parts(parts, num_polys, sn_mapping, sn_names, item.labels_name)
+        sn_names, sn_labels = names, poly_labels
+        if part_names != "shapenet":  # the rules speak ShapeNetPart part names
+            _, sn_names, sn_mapping = target_names(item.category, "shapenet")
+            sn_labels = face_labels_from_parts(parts, num_polys, sn_mapping, sn_names, item.labels_name)
         rotation = canonical_rotation(category, mesh.vertices, mesh.faces, sn_labels[mesh.face_source], sn_names)
         if rotation is not None:
             vertices = (np.asarray(mesh.vertices, np.float64) @ rotation.T).astype(np.float32)
