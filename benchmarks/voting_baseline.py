@@ -37,7 +37,7 @@ def main() -> None:
     from distill.extract import ExtractSettings, extract
     from distill.predict import vote_predictions
     from distill.teacher_fit import fit_teacher
-    from eval.experiment import Stages, _keys_by, _test_rows, score_predictions
+    from eval.experiment import Stages, score_predictions, shape_groups
     from gen3d.pool import PoolSettings, pool
 
     settings = ExtractSettings(num_views=args.views, image_size=args.image_size)
@@ -51,8 +51,7 @@ def main() -> None:
         st.run("teacher", lambda cat=cat, out=out: fit_teacher(out / "real.h5", cat, out / "teacher", args.shots,
                                                                args.teacher_config, 0, args.views, 20,
                                                                args.image_size, progress=False))
-        groups = _keys_by(out / "real.h5", cat)
-        test_rows = _test_rows(out / "real.h5", groups["test"])
+        test_rows = shape_groups(out / "real.h5", cat).test_rows
         for name, spec in (("fewshot", f"fewshot:{out / 'teacher'}"), ("simulated", args.simulated)):
             k = out / f"knowledge-{name}.h5"
             t0 = time.perf_counter()

@@ -30,6 +30,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -129,33 +130,48 @@ def subset_knowledge(src: str | os.PathLike, dst: str | os.PathLike, keys: set[t
                                overwrite=True)
 
 
-def _keys_by(collection: Path, category: str) -> dict[str, set[tuple[str, str, str]]]:
+@dataclass
+class ShapeGroups:
+    """The shapes of one category in a pooled collection, grouped the way the experiment rows use them.
+
+    Attributes:
+        keys: ``generated`` / ``real_train`` / ``test`` / ``labelled_real`` / ``genreal`` (generated +
+            real train) -> set of :func:`distill.extract.shape_key` tuples.
+        test_rows: collection row indices of the ``test`` shapes, ascending.
+        num_parts: number of part names of the category.
+    """
+
+    keys: dict[str, set[tuple[str, str, str]]]
+    test_rows: list[int]
+    num_parts: int
+
+
+def shape_groups(collection: str | os.PathLike, category: str) -> ShapeGroups:
+    """Group ``category``'s shapes of ``collection`` by source and split (one pass over the file).
+
+    Real shapes of split ``test`` are the evaluation shapes; every other real shape is ``real_train``.
+    """
     from distill.extract import shape_key
     from gen3d.collection import Collection
 
-    groups: dict[str, set] = {"generated": set(), "real_train": set(), "test": set(), "labelled_real": set()}
+    keys: dict[str, set] = {"generated": set(), "real_train": set(), "test": set(), "labelled_real": set()}
+    test_rows = []
     with Collection(collection) as c:
-        for i in c.select(category=category):
-            key = shape_key(c, int(i))
+        for i in (int(j) for j in c.select(category=category)):
+            key = shape_key(c, i)
             src, split = str(c.sources[i]), str(c.splits[i])
             if src == "generated":
-                groups["generated"].add(key)
+                keys["generated"].add(key)
             elif src == "real" and split == "test":
-                groups["test"].add(key)
+                keys["test"].add(key)
+                test_rows.append(i)
             elif src == "real":
-                groups["real_train"].add(key)
+                keys["real_train"].add(key)
             if src == "real":
-                groups["labelled_real"].add(key)
-    groups["genreal"] = groups["generated"] | groups["real_train"]
-    return groups
-
-
-def _test_rows(collection: Path, test_keys: set) -> list[int]:
-    from distill.extract import shape_key
-    from gen3d.collection import Collection
-
-    with Collection(collection) as c:
-        return [i for i in range(len(c)) if shape_key(c, i) in test_keys]
+                keys["labelled_real"].add(key)
+        num_parts = len(c.part_names[category])
+    keys["genreal"] = keys["generated"] | keys["real_train"]
+    return ShapeGroups(keys, sorted(test_rows), num_parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,7 +278,6 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
     from distill.pretrain import load_pretrain_config, pretrain
     from distill.teacher_fit import fit_teacher
     from distill.trainer import build_model, load_config, train_distill
-    from gen3d.collection import Collection
     from gen3d.pool import PoolSettings, pool
     from gen3d.sample import generate_collection
 
@@ -284,11 +299,9 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
     st.run("shots", lambda: pool(out / "shots.h5", [cfg["procedural_shots"]], PoolSettings(), workers=1).total)
     st.run("pool", lambda: pool(out / "all.h5", [str(out / "generated.h5"), str(out / "real.h5")],
                                 PoolSettings(), workers=1).total)
-    groups = _keys_by(out / "all.h5", cat)
-    test_rows = _test_rows(out / "all.h5", groups["test"])
+    sg = shape_groups(out / "all.h5", cat)
+    groups, test_rows, num_parts = sg.keys, sg.test_rows, sg.num_parts
     coseg_file, coseg_rows = _coseg_collection(coseg, cat, out, st, log) if coseg else (None, [])
-    with Collection(out / "all.h5") as c:
-        num_parts = len(c.part_names[cat])
 
     # teachers
     tf = cfg["teacher_fit"]

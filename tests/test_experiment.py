@@ -101,3 +101,27 @@ def test_results_md_sections_are_replaced_not_duplicated(tmp_path):
     update_results_md(md, summary)
     text = md.read_text()
     assert text.count("## t") == 1 and "| 25.0 |" in text and "| 50.0 | 40.0 |" not in text
+
+
+def test_shape_groups_split_pooled_shapes_by_source_and_split(tmp_path):
+    """20 Labeled-PSB chairs (10 train / 10 test), airplanes and procedural chairs pooled together:
+    only the chairs of source ``real`` are grouped, test rows are exactly the real chair test rows."""
+    from distill.extract import shape_key
+    from eval.experiment import shape_groups
+    from gen3d.collection import Collection
+    from gen3d.pool import PoolSettings, pool
+
+    path = tmp_path / "all.h5"
+    pool(path, ["labeled-psb:chair", "labeled-psb:airplane", "procedural:chair:2:seed=0"], PoolSettings(keep_mesh=False))
+    g = shape_groups(path, "chair")
+    assert len(g.keys["test"]) == 10 and len(g.keys["real_train"]) == 10 and not g.keys["generated"]
+    assert g.keys["labelled_real"] == g.keys["test"] | g.keys["real_train"]
+    assert g.keys["genreal"] == g.keys["real_train"]
+    with Collection(path) as c:
+        expected = [i for i in range(len(c)) if c.categories[i] == "chair" and c.sources[i] == "real"
+                    and c.splits[i] == "test"]
+        assert g.test_rows == expected
+        assert {shape_key(c, i) for i in expected} == g.keys["test"]
+        assert g.num_parts == len(c.part_names["chair"])
+        procedural = {shape_key(c, i) for i in range(len(c)) if c.sources[i] == "procedural"}
+    assert len(procedural) == 2 and not procedural & (g.keys["labelled_real"] | g.keys["generated"])
