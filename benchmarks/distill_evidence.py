@@ -79,12 +79,12 @@ def main() -> None:
             test_proc = [i for i in range(len(c)) if c.splits[i] == "test" and c.sources[i] == "procedural"]
         settings = ExtractSettings(num_views=args.views, image_size=args.image_size)
         k_all = out / "knowledge.h5"
-        st.run("knowledge", lambda data=data, k_all=k_all, cat=cat: extract(
+        st.run("knowledge", lambda data=data, k_all=k_all, cat=cat, settings=settings: extract(
             data, [args.teacher.format(category=cat)], k_all, settings, cat, progress=False).units)
         st.run("knowledge-train", lambda k_all=k_all, out=out, tk=train_keys: subset_knowledge(k_all, out / "k-train.h5", tk))
         pcfg = load_pretrain_config("configs/distill/pretrain_small.yaml")
         pcfg["train"]["steps"] = args.pretrain_steps
-        st.run("pretrain", lambda data=data, out=out, cat=cat: pretrain(
+        st.run("pretrain", lambda data=data, out=out, cat=cat, pcfg=pcfg: pretrain(
             [data], out / "encoder", pcfg, category=cat, progress=False,
             resume=(out / "encoder" / "log.jsonl").exists()).get("steps"))
         st.run("vote", lambda data=data, k_all=k_all, out=out: vote_predictions(data, k_all, out / "vote.h5"))

@@ -47,7 +47,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         st = Stages(out, print)
         root = f":root={args.data_root / 'psb_labeled_kalogerakis2010' / 'LabeledDB_new.tar.xz'}" if args.data_root else ""
-        st.run("real", lambda cat=cat, out=out: pool(out / "real.h5", [f"labeled-psb:{cat}{root}"], PoolSettings()).total)
+        st.run("real", lambda cat=cat, out=out, root=root: pool(out / "real.h5", [f"labeled-psb:{cat}{root}"], PoolSettings()).total)
         st.run("teacher", lambda cat=cat, out=out: fit_teacher(out / "real.h5", cat, out / "teacher", args.shots,
                                                                args.teacher_config, 0, args.views, 20,
                                                                args.image_size, progress=False))
