@@ -83,18 +83,27 @@ def load_experiment(path: str | os.PathLike, quick: bool = False) -> dict[str, A
 # stages
 # ----------------------------------------------------------------------------------------------
 class Stages:
-    """Runs named stages once: a stage is done when its marker ``.done/<name>.json`` exists."""
+    """Runs named stages once: a stage is done when its marker ``.done/<name>.json`` exists.
+
+    A marker may be written by hand for a stage whose output was made by an earlier command on the
+    same inputs (e.g. a teacher fitted by ``benchmarks/voting_baseline.py``): its ``result`` then carries
+    ``reused_from`` (a sentence naming the command), which lands in ``results.json`` under ``reused``
+    and in RESULTS.md.
+    """
 
     def __init__(self, out: Path, log: Callable[[str], None]):
         self.out, self.log = out, log
         (out / ".done").mkdir(parents=True, exist_ok=True)
         self.times: dict[str, float] = {}
+        self.reused: dict[str, str] = {}
 
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
         marker = self.out / ".done" / f"{name.replace('/', '_')}.json"
         if marker.exists():
             info = json.loads(marker.read_text())
             self.times[name] = info["seconds"]
+            if isinstance(info["result"], dict) and info["result"].get("reused_from"):
+                self.reused[name] = info["result"]["reused_from"]
             self.log(f"[cached] {name}")
             return info["result"]
         self.log(f"[stage] {name} ...")
@@ -411,7 +420,7 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
     vote_2d = {t: knowledge_2d_miou(kdir / f"{t}-test.h5") for t in specs}
     summary = {"name": cfg["name"], "category": cat, "quick": cfg["quick"], "config": str(config_path),
                "results": results, "vote_2d_test": vote_2d, "stage_seconds": st.times,
-               "wall_seconds": sum(st.times.values()), "session_seconds": time.perf_counter() - t_start,
+               "wall_seconds": sum(st.times.values()), "reused": st.reused, "session_seconds": time.perf_counter() - t_start,
                "hardware": hardware(), "counts": {k: len(v) for k, v in groups.items()},
                "generate": cfg["generate"], "distill": dcfg, "teachers": cfg["teachers"]}
     if coseg:

@@ -59,6 +59,9 @@ def section(summary: dict[str, Any]) -> str:
              f"Distillation: {summary['distill']['epochs']} epochs, seeds per row in the `seeds` column (a single seed "
              f"where three did not fit the CPU time), student config "
              f"`{summary['distill']['student']}`.", ""]
+    if summary.get("reused"):
+        lines += ["Stages made by an earlier command on the same inputs (their time is the earlier run's): "
+                  + "; ".join(f"`{k}`: {v}" for k, v in summary["reused"].items()) + ".", ""]
     teachers = summary["teachers"]
     lines += ["Teachers: " + "; ".join(
         f"**{t}** = " + (f"8-shot network fitted on {'Labeled-PSB train' if v.get('fit_on') == 'real' else 'procedural'} {cat}s"

@@ -125,3 +125,26 @@ def test_shape_groups_split_pooled_shapes_by_source_and_split(tmp_path):
         assert g.num_parts == len(c.part_names["chair"])
         procedural = {shape_key(c, i) for i in range(len(c)) if c.sources[i] == "procedural"}
     assert len(procedural) == 2 and not procedural & (g.keys["labelled_real"] | g.keys["generated"])
+
+
+def test_stage_markers_written_by_hand_are_reported_as_reused(tmp_path):
+    """A stage whose marker says ``reused_from`` is not run, keeps the recorded time and is listed."""
+    import json as _json
+
+    from eval.experiment import Stages
+    from eval.report import section
+
+    (tmp_path / ".done").mkdir()
+    (tmp_path / ".done" / "teacher_a.json").write_text(
+        _json.dumps({"seconds": 700.0, "result": {"shots": 8, "reused_from": "runs/voting/chair/teacher"}}))
+    st = Stages(tmp_path, lambda _: None)
+    calls = []
+    assert st.run("teacher/a", lambda: calls.append(1))["shots"] == 8
+    assert st.run("teacher/b", lambda: calls.append(1) or {"shots": 8}) == {"shots": 8}
+    assert calls == [1] and st.times["teacher/a"] == 700.0
+    assert st.reused == {"teacher/a": "runs/voting/chair/teacher"}
+    summary = {"name": "t", "category": "chair", "quick": False, "config": "c.yaml", "wall_seconds": 60.0,
+               "hardware": {"cores": 2, "gpu": None, "torch": "x"}, "generate": {"n": 1}, "reused": st.reused,
+               "counts": {"real_train": 1, "test": 1}, "distill": {"epochs": 1, "seeds": [0], "student": "s"},
+               "teachers": {}, "results": {}}
+    assert "`teacher/a`: runs/voting/chair/teacher" in section(summary)
