@@ -113,31 +113,10 @@ def score_cmd(collection, predictions, out, split, category, mapping, sheet_shap
     md = _markdown(scores)
     _write(out, "scores.md", md)
     if sheet_shapes:
-        _sheet(collection, predictions, out / "sheet.png", sheet_shapes, split, category)
+        from .sheet import comparison_sheet
+
+        comparison_sheet(collection, predictions, out / "sheet.png", sheet_shapes, split, category)
     click.echo(md)
-
-
-def _sheet(collection: Path, predictions: Path, path: Path, count: int, split, category) -> None:
-    """Ground truth (left) beside prediction (right) for the first ``count`` labelled shapes."""
-    from distill.extract import shape_key
-    from distill.predict import read_predictions, render_sheet
-    from gen3d.collection import Collection
-    from gen3d.dataset import normalize_unit_sphere
-
-    pts, labels, titles = [], [], []
-    with Collection(collection) as c, read_predictions(predictions) as p:
-        keys = {tuple(k): j for j, k in enumerate(p.keys())}
-        for i in c.select(category=category, split=split):
-            j = keys.get(shape_key(c, int(i)))
-            if j is None or (c.labels(int(i)) < 0).all():
-                continue
-            pts += [normalize_unit_sphere(c.points(int(i)))[0]] * 2
-            labels += [c.labels(int(i)).astype(np.int64), p.labels(j).astype(np.int64)]
-            titles += [f"{c.shape_ids[i]} GT", f"{c.shape_ids[i]} pred"]
-            if len(pts) >= 2 * count:
-                break
-    if pts:
-        render_sheet(pts, labels, path, cols=4, titles=titles)
 
 
 @main.command("generation")

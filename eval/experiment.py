@@ -15,7 +15,8 @@ stage cached under the output folder so that a re-run resumes:
 8. rows: teacher voting, TTA, Pre, Pre + BD (real / generated / both), Pre + BD with intra-set
    refinement; each distillation row for each seed (``distill.seeds``, or the row's own ``seeds``);
    predictions on the Labeled-PSB *test* meshes,
-   scored per face (5-NN vote) under both mIoU conventions, 2D mIoU before / after BD.
+   scored per face (5-NN vote) under both mIoU conventions, 2D mIoU before / after BD; a PNG per
+   row and seed (``rows/<row>-<teacher>-s<seed>/sheet.png``: 6 test shapes, ground truth beside prediction).
    With ``coseg=ROOT``: the COSEG sets under ROOT pooled into ``coseg-<hash>.h5`` and every Pre row's
    student applied to the category's COSEG shapes, scored per face the same way (Table 4 setting).
 9. ``results.json`` and this experiment's section of ``RESULTS.md``.
@@ -290,6 +291,8 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
     from gen3d.pool import PoolSettings, pool
     from gen3d.sample import generate_collection
 
+    from .sheet import comparison_sheet
+
     cfg = load_experiment(config_path, quick)
     cat = cfg["category"]
     out = Path(out or Path("runs") / "experiments" / cfg["name"])
@@ -405,6 +408,9 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
                             "seconds": time.perf_counter() - t0}
 
                 per_seed.append(st.run(f"row/{row['name']}/{tname}/s{seed}", run_row))
+                pred_file = rdir / ("run/predictions.h5" if row["kind"] == "tta" else "pred.h5")
+                if pred_file.exists() and not (rdir / "sheet.png").exists():
+                    comparison_sheet(out / "all.h5", pred_file, rdir / "sheet.png", count=6, rows=test_rows)
                 if coseg_rows and row["kind"] == "pre":
                     def run_coseg(rdir=rdir):
                         pred = rdir / f"{coseg_file.stem}-pred.h5"
@@ -418,7 +424,7 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
             results[rid] = {"row": row["name"], "kind": row["kind"], "teacher": tname, "spec": specs[tname],
                             "simulated": simulated, "seeds": seeds, "runs": per_seed}
     vote_2d = {t: knowledge_2d_miou(kdir / f"{t}-test.h5") for t in specs}
-    summary = {"name": cfg["name"], "category": cat, "quick": cfg["quick"], "config": str(config_path),
+    summary = {"name": cfg["name"], "category": cat, "out": str(out), "quick": cfg["quick"], "config": str(config_path),
                "results": results, "vote_2d_test": vote_2d, "stage_seconds": st.times,
                "wall_seconds": sum(st.times.values()), "reused": st.reused, "session_seconds": time.perf_counter() - t_start,
                "hardware": hardware(), "counts": {k: len(v) for k, v in groups.items()},

@@ -91,6 +91,9 @@ def section(summary: dict[str, Any]) -> str:
                      f"{_fmt([x['face_skip'] for x in runs])} | {_fmt([x['area_one'] for x in runs])} | "
                      f"{_fmt([x['point_one'] for x in runs])} | {co}{td} | {','.join(map(str, trig)) or '–'} | "
                      f"{secs / 60:.1f} min |")
+    if summary.get("out"):
+        lines += ["", f"Pictures: `{summary['out']}/rows/<row>-<teacher>-s<seed>/sheet.png` shows 6 test shapes per "
+                  "row, ground truth beside prediction (points coloured by part)."]
     lines += ["", discussion(summary), ""]
     return "\n".join(lines)
 

@@ -68,8 +68,12 @@ def test_quick_chair_experiment_runs_every_stage_scores_and_resumes(tmp_path):
                 assert run["coseg"]["shapes"] == 3 and 0.0 <= run["coseg"]["face_skip"] <= run["coseg"]["face_one"] <= 1.0
             else:
                 assert "coseg" not in run
+    for rdir in (out / "rows").iterdir():   # ground truth beside prediction, 6 test shapes: 3 rows of 4 tiles
+        from PIL import Image
+
+        assert Image.open(rdir / "sheet.png").size == (4 * 256, 3 * 256), rdir
     text = md.read_text()
-    assert "COSEG face (one / skip)" in text
+    assert "COSEG face (one / skip)" in text and "sheet.png" in text
     assert "kept text" in text and "<!-- experiment:chair-quick -->" in text and "| voting | simulated |" in text
     # a re-run resumes from cached stages and rewrites the section in place (not appended twice)
     res = CliRunner().invoke(main, args)
