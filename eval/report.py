@@ -128,6 +128,25 @@ def discussion(summary: dict[str, Any]) -> str:
                          f"real train only {100 * real:.1f} (paper, COSEG chair Table 4: "
                          f"{PAPER['table4_coseg_chair']['train + generated']} / {PAPER['table4_coseg_chair']['generated']} / "
                          f"{PAPER['table4_coseg_chair']['train set']})")
+        tta, refine = get("tta", t), get("pre_bd_refine", t)
+        if tta is not None and vote is not None:
+            parts.append(f"test-time adaptation (a head fitted on each test shape's own units) gives {100 * tta:.1f} "
+                         f"against voting's {100 * vote:.1f}")
+        if refine is not None and bd is not None:
+            parts.append(f"intra-set refinement of the knowledge {'raises' if refine > bd else 'does not raise'} "
+                         f"Pre + BD ({100 * refine:.1f} vs {100 * bd:.1f})")
+        main = res.get(f"pre_bd|{t}")
+        two_d = [x["miou_2d"] for x in main["runs"] if x.get("miou_2d") and x["miou_2d"].get("after") is not None] \
+            if main else []
+        if two_d:
+            b, a = _mean([d["before"] for d in two_d]), _mean([d["after"] for d in two_d])
+            parts.append(f"re-scoring the units with the student (BD) moves the confidence-weighted 2D mIoU of the "
+                         f"labelled training shapes' knowledge from {100 * b:.1f} to {100 * a:.1f}"
+                         + (" (the student's agreement tracks the units' correctness)" if a > b else
+                            " (the student's agreement down-weights correct units too)"))
+        if main and len(main["runs"]) > 1:
+            vals = [100 * x["face_one"] for x in main["runs"]]
+            parts.append(f"over {len(vals)} seeds Pre + BD ranges {min(vals):.1f}-{max(vals):.1f}")
         cgen, cboth, creal = (get(n, t, coseg=True) for n in ("pre_bd_generated", "pre_bd", "pre_bd_real"))
         if cgen is not None and cboth is not None and creal is not None:
             parts.append(f"on COSEG, generated + real gives {100 * cboth:.1f}, generated only {100 * cgen:.1f}, "
@@ -136,6 +155,12 @@ def discussion(summary: dict[str, Any]) -> str:
                          f"{PAPER['table4_coseg_chair']['train set']})")
         if parts:
             sentences.append(f"With the **{t}** teacher, " + "; ".join(parts) + ".")
+    if not summary.get("quick"):
+        best = max(((get(r["row"], r["teacher"]), r["row"], r["teacher"]) for r in res.values() if not r["simulated"]
+                    and get(r["row"], r["teacher"]) is not None), default=None)
+        if best:
+            sentences.append(f"The best row with a real teacher (not simulated from ground truth) is **{best[1]}** with "
+                             f"**{best[2]}** ({100 * best[0]:.1f} mIoU per face).")
     caveats = ("Why numbers differ from the paper: the teachers here are an 8-shot 2D network trained from scratch "
                "on renders (no pretrained GLIP / CLIP weights are available on this machine) and a simulated teacher; "
                "the Labeled-PSB test sets have 10 shapes per category with a different part vocabulary than "

@@ -152,3 +152,28 @@ def test_stage_markers_written_by_hand_are_reported_as_reused(tmp_path):
                "counts": {"real_train": 1, "test": 1}, "distill": {"epochs": 1, "seeds": [0], "student": "s"},
                "teachers": {}, "results": {}}
     assert "`teacher/a`: runs/voting/chair/teacher" in section(summary)
+
+
+def test_discussion_is_computed_from_the_numbers():
+    """The RESULTS.md paragraph states each comparison the way the numbers go."""
+    from eval.report import discussion
+
+    def run(v, **kw):
+        return {"face_one": v, **kw}
+
+    res = {"voting|t": {"row": "voting", "teacher": "t", "simulated": False, "runs": [run(0.60)]},
+           "tta|t": {"row": "tta", "teacher": "t", "simulated": False, "runs": [run(0.55)]},
+           "pre|t": {"row": "pre", "teacher": "t", "simulated": False, "runs": [run(0.70)]},
+           "pre_bd|t": {"row": "pre_bd", "teacher": "t", "simulated": False,
+                        "runs": [run(0.64, miou_2d={"before": 0.5, "after": 0.6}), run(0.66), run(0.65)]},
+           "pre_bd_refine|t": {"row": "pre_bd_refine", "teacher": "t", "simulated": False, "runs": [run(0.68)]},
+           "voting|s": {"row": "voting", "teacher": "s", "simulated": True, "runs": [run(0.90)]}}
+    text = discussion({"quick": False, "results": res})
+    assert "Pre + BD beats direct voting (65.0 vs 60.0" in text
+    assert "backward distillation does not raise mIoU over Pre alone (65.0 vs 70.0)" in text
+    assert "gives 55.0 against voting's 60.0" in text
+    assert "intra-set refinement of the knowledge raises Pre + BD (68.0 vs 65.0)" in text
+    assert "from 50.0 to 60.0 (the student's agreement tracks" in text
+    assert "over 3 seeds Pre + BD ranges 64.0-66.0" in text
+    # the simulated teacher's 90.0 is not the best "real teacher" row
+    assert "best row with a real teacher (not simulated from ground truth) is **pre** with **t** (70.0" in text
