@@ -231,7 +231,7 @@ def extract(collection: str | os.PathLike, teacher_specs: Sequence[str], out: st
         teachers = [load_teacher(s, device=device) for s in specs]
         cams = partslip_cameras(settings.num_views, (settings.image_size, settings.image_size)).to(device)
         mine = indices[state.process_index::state.num_processes]
-        names_by_row = {int(i): _cache_name(coll, int(i)) for i in indices}
+        names_by_row = {int(i): _cache_name(coll, int(i)) for i in mine}   # the other shapes: main process only
         todo = [i for i in mine if not (cache / names_by_row[int(i)]).exists()]
         totals = {"render": 0.0, "teacher": 0.0, "extract": 0.0}
         t0 = time.perf_counter()
@@ -246,7 +246,8 @@ def extract(collection: str | os.PathLike, teacher_specs: Sequence[str], out: st
         if state.is_main_process:
             shapes = []
             for i in indices:
-                k, units, extras = load_shape_cache(cache / names_by_row[int(i)])
+                name = names_by_row.get(int(i)) or _cache_name(coll, int(i))
+                k, units, extras = load_shape_cache(cache / name)
                 n_units += units.num_units
                 shapes.append((tuple(k), units, extras))
             write_knowledge(out, shapes, category=category, part_names=list(names),
