@@ -18,6 +18,9 @@ e < window, ``m_0 = 0``) and it fires at the first e >= window with ``|m_e - m_{
 (absolute change; ``relative=True`` divides by ``|m_{e-1}|``). It fires once; with ``rescore_every=k``
 re-scoring repeats every k epochs after the first firing.
 
+``normalize: part`` (our addition, off by default): :func:`normalize_per_part` rescales each part's
+scores by their 90th percentile, so parts the student has not learned yet keep weight.
+
 ``min_epoch`` (our addition, not in the paper or the official code; 0 = off) keeps the trigger from
 firing before that epoch. Without it, a student whose loss sits on an initial plateau (slow first
 epochs, common with a frozen encoder and per-unit normalisation) is declared converged after
@@ -92,6 +95,50 @@ def rescore_flat(model: torch.nn.Module, dataset, indices: Sequence[int] | None 
     finally:
         model.train(was_training)
     return scores
+
+
+def normalize_per_part(scores: torch.Tensor, unit_label: torch.Tensor, num_parts: int,
+                       quantile: float = 0.9) -> torch.Tensor:
+    """Per-part normalisation of Eq. 4 scores (ours; ``backward.normalize: part``; not in the paper).
+
+    Eq. 4 compares every unit with the student's argmax, so when the student has not learned a part
+    yet (small parts: airplane engines and tails), *all* of that part's units score near 0 and
+    backward distillation removes the part from the loss for good. Dividing each part's scores by
+    their ``quantile`` keeps the ranking *within* a part (a unit that disagrees with the student more
+    than the part's other units still loses weight) while every part keeps units at full weight::
+
+        C_n  <-  min(1, s_n / q_r),   q_r = quantile({s_m : argmax Y_m = r}),   r = argmax Y_n
+
+    A part whose ``q_r`` is 0 (the student predicts it on almost none of its units' points) cannot
+    be judged: its units get NaN, i.e. keep their current confidence (the trainer's rule for NaN).
+
+    Args:
+        scores: ``float [U]`` Eq. 4 scores in [0, 1]; NaN entries (no points) stay NaN.
+        unit_label: ``int64 [U]`` argmax_r Y_n of each unit.
+        num_parts: R.
+        quantile: in (0, 1].
+
+    Returns:
+        ``float32 [U]`` on the device of ``scores``.
+
+    Raises:
+        ValueError: ``quantile`` outside (0, 1] or shapes that differ.
+    """
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    if scores.shape != unit_label.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and unit_label {tuple(unit_label.shape)} differ")
+    scores = scores.float()
+    out = torch.full_like(scores, float("nan"))
+    label = unit_label.to(scores.device)
+    for r in range(num_parts):
+        sel = (label == r) & ~torch.isnan(scores)
+        if not sel.any():
+            continue
+        q = torch.quantile(scores[sel], quantile)
+        if q > 0:
+            out[sel] = (scores[sel] / q).clamp(max=1.0)
+    return out
 
 
 def rescore(model: torch.nn.Module, dataset, indices: Sequence[int] | None = None, batch_size: int = 16,

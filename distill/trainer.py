@@ -11,6 +11,8 @@
 * **Backward distillation** (``backward.enabled``): :class:`distill.backward.BackwardTrigger` on the
   epoch loss; when it fires, every unit is re-scored (Eq. 4) by the current student in eval mode and
   its C_n replaced (NaN scores keep the old C_n); training continues with the new confidences.
+  With ``backward.normalize: part`` (ours) each part's scores are first rescaled by their
+  ``backward.part_quantile`` (:func:`distill.backward.normalize_per_part`).
 * **Modes** (``mode``): ``pre`` trains one student on all shapes with knowledge (validation shapes
   excepted); ``tta`` (:func:`tta_predict`) fine-tunes the head of a pre-trained student on each shape
   alone and predicts it; ``fewshot`` adds the cross-entropy of K labelled shapes to Eq. 3.
@@ -56,7 +58,7 @@ from gen3d.config import read_yaml_config
 from gen3d.dataset import normalize_unit_sphere
 from gen3d.runs import resume_checkpoint, save_checkpoint, truncate_log, warmup_cosine
 
-from .backward import BackwardTrigger, rescore_flat, score_stats
+from .backward import BackwardTrigger, normalize_per_part, rescore_flat, score_stats
 from .knowledge import KnowledgeUnits
 from .losses import (
     UnitBatch,
@@ -75,7 +77,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
               "min_lr_ratio": 0.01, "seed": 0, "mixed_precision": "bf16", "num_points": None, "sampling": "fps",
               "augment": None, "grad_clip": None, "keep_checkpoints": 2, "num_workers": 0, "select": "last"},
     "loss": {"target": "hard", "normalize": "unit", "class_balance": "partdistill", "alpha": 1.0, "beta": 0.9999},
-    "backward": {"enabled": True, "tau": 0.01, "window": 3, "relative": False, "rescore_every": None, "min_epoch": 0},
+    "backward": {"enabled": True, "tau": 0.01, "window": 3, "relative": False, "rescore_every": None, "min_epoch": 0,
+                 "normalize": "none", "part_quantile": 0.9},
     "val": {"split": "val", "fraction": 0.0, "seed": 0, "every": 1, "batch_size": 16},
     "fewshot": {"keys": None, "collection": None, "count": 0, "weight": 1.0, "batch_size": 16, "split": "train",
                 "seed": 0},
@@ -119,6 +122,8 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"train.select must be 'last' or 'best_val', got {out['train']['select']!r}")
     if out["train"]["lr_schedule"] not in ("constant", "cosine"):
         raise ValueError(f"train.lr_schedule must be 'constant' or 'cosine', got {out['train']['lr_schedule']!r}")
+    if out["backward"]["normalize"] not in ("none", "part"):
+        raise ValueError(f"backward.normalize must be 'none' or 'part', got {out['backward']['normalize']!r}")
     if out["val"]["split"] == "test":
         raise ValueError("validation on the test split is not allowed (val.split: test); use 'val' or val.fraction")
     return out
@@ -753,6 +758,10 @@ def _train(collection, knowledge, config, out: Path, resume, progress, max_epoch
             entry["loss_change"] = trigger.last_change
             if fire:
                 scores = _rescore_distributed(accelerator, unwrapped, dataset, tc["batch_size"])
+                if bc["normalize"] == "part":
+                    entry["unit_scores_eq4"] = score_stats(scores.numpy(), dataset.corrupted)
+                    scores = normalize_per_part(scores, torch.from_numpy(dataset.unit_label), num_parts,
+                                                bc["part_quantile"])
                 entry["unit_scores"] = score_stats(scores.numpy(), dataset.corrupted)
                 entry["confidence_before"] = score_stats(conf.cpu().numpy(), dataset.corrupted)
                 conf = torch.where(torch.isnan(scores.to(device)), conf, scores.to(device).float())

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.backward import BackwardTrigger, roc_auc, score_stats, unit_agreement
+from distill.backward import BackwardTrigger, normalize_per_part, roc_auc, score_stats, unit_agreement
 from distill.knowledge import KnowledgeUnits
 from distill.losses import (
     class_weights,
@@ -214,6 +214,30 @@ def test_roc_auc_and_score_stats():
 # ----------------------------------------------------------------------------------------------
 # Data helpers used by the trainer
 # ----------------------------------------------------------------------------------------------
+def test_per_part_normalisation_by_hand():
+    # part 0: scores 0.2 / 0.4 / NaN, part 1: 0.05 / 0.1 (a part the student barely predicts), part 2: 0 / 0
+    scores = torch.tensor([0.2, 0.4, float("nan"), 0.05, 0.1, 0.0, 0.0])
+    label = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    out = normalize_per_part(scores, label, 4, quantile=1.0)
+    np.testing.assert_allclose(out[:2].numpy(), [0.5, 1.0])
+    np.testing.assert_allclose(out[3:5].numpy(), [0.5, 1.0])
+    assert torch.isnan(out[2]) and torch.isnan(out[5:]).all()        # no points / a part that cannot be judged
+    # quantile 0.5 of part 0 (linear interpolation: 0.3): 0.2 / 0.3, and 0.4 / 0.3 capped at 1
+    out = normalize_per_part(scores, label, 4, quantile=0.5)
+    np.testing.assert_allclose(out[:2].numpy(), [2 / 3, 1.0], rtol=1e-6)
+    # the ranking within a part is kept
+    s = torch.rand(100)
+    lab = torch.randint(0, 3, (100,))
+    o = normalize_per_part(s, lab, 3, 0.9)
+    for r in range(3):
+        a, b = s[lab == r], o[lab == r]
+        assert (torch.argsort(a[b < 1]) == torch.argsort(b[b < 1])).all()
+    with pytest.raises(ValueError, match="quantile"):
+        normalize_per_part(scores, label, 4, quantile=0.0)
+    with pytest.raises(ValueError, match="differ"):
+        normalize_per_part(scores, label[:3], 4)
+
+
 def test_restrict_units_to_a_subsample():
     units = units_of([[0, 1, 2], [1, 2], [3]], [[0.9, 0.1], [0.4, 0.6], [0.7, 0.3]])
     out, kept = restrict_units(units, np.array([2, 3]), num_points=4)   # point 2 -> 0, point 3 -> 1

@@ -249,6 +249,31 @@ def test_resumed_run_writes_the_same_log(data):
     assert a == b
 
 
+def test_backward_distillation_with_per_part_normalisation(data):
+    """``backward.normalize: part``: the Eq. 4 scores are logged, then each part's units are rescaled so
+    its 90th percentile is 1; the corrupted units still rank below the clean ones."""
+    cfg = tiny(train={"epochs": 6}, backward={"tau": 10.0, "window": 3, "normalize": "part"})
+    run = data["root"] / "per_part"
+    train_distill(data["collection"], data["knowledge"], cfg, run, progress=False, model=fresh_model())
+    fired = [e for e in read_log(run) if e.get("rescored")]
+    assert len(fired) == 1 and "unit_scores_eq4" in fired[0] and "unit_scores" in fired[0]
+    ds = DistillDataset(data["collection"], data["knowledge"])
+    with np.load(run / "confidences.npz") as z:
+        final, initial = z["final"], z["initial"]
+    assert not np.allclose(final, initial) and final.max() <= 1.0
+    assert fired[0]["unit_scores"]["clean_vs_corrupted_auc"] > 0.8
+    judged = 0
+    for r in np.unique(ds.unit_label):
+        f, i = final[ds.unit_label == r], initial[ds.unit_label == r]
+        if np.array_equal(f, i):   # the student predicts the part nowhere: its units keep their C_n
+            continue
+        judged += 1                # otherwise the part keeps at least its top 10 % of units at full weight
+        assert (f == 1.0).mean() >= 0.1 - 1e-9, r
+    assert judged >= 3
+    with pytest.raises(ValueError, match="backward.normalize"):
+        resolve_config({"backward": {"normalize": "class"}})
+
+
 def test_two_process_torchrun(data):
     from distill.knowledge import write_knowledge
 
