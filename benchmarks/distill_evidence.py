@@ -44,8 +44,9 @@ def main() -> None:
     ap.add_argument("--procedural-test", type=int, default=20, help="procedural test shapes per category")
     ap.add_argument("--teacher", default="simulated:pixel:p_miss=0.2:p_wrong=0.2",
                     help="teacher spec; {category} is replaced by the category")
-    ap.add_argument("--rows", nargs="+", default=["pre", "pre_bd"], choices=["pre", "pre_bd"],
-                    help="students to train, in this order")
+    ap.add_argument("--rows", nargs="+", default=["pre", "pre_bd"], choices=["pre", "pre_bd", "pre_bd_part"],
+                    help="students to train, in this order (pre_bd_part: backward distillation with "
+                         "backward.normalize: part, distill/backward.py)")
     ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--views", type=int, default=10)
@@ -92,15 +93,17 @@ def main() -> None:
         train_seconds: dict[str, float | None] = {}
         aucs = {}
         for name in args.rows:
-            bd = name == "pre_bd"
+            bd = name.startswith("pre_bd")
             run = out / name
 
-            def train(run=run, bd=bd, data=data, out=out):
+            def train(run=run, bd=bd, data=data, out=out, name=name):
                 c = load_config("configs/distill/pre.yaml")
                 c["model"].update({"config": "configs/distill/student_small.yaml",
                                    "encoder": str(out / "encoder" / "encoder")})
                 c["train"]["epochs"] = args.epochs
                 c["backward"]["enabled"] = bd
+                if name == "pre_bd_part":
+                    c["backward"]["normalize"] = "part"
                 info = train_distill(data, out / "k-train.h5", c, run, resume=(run / "log.jsonl").exists(), progress=False)
                 predict(run, data, out / f"{run.name}.h5")
                 return {"seconds": info["timings"]["wall_seconds"]}
