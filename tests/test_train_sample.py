@@ -58,7 +58,8 @@ def test_tiny_training_learns(tmp_path, mug_data):
 
 
 def test_killed_training_resumes_with_the_same_loss_curve(tmp_path, mug_data):
-    config = tiny_config(tmp_path, steps=60, checkpoint_every=5, log_every=1)
+    steps = 200  # long enough that a fast machine cannot finish between two polls
+    config = tiny_config(tmp_path, steps=steps, checkpoint_every=5, log_every=1)
     ref = tmp_path / "ref"
     train(load_config(config), "mug", [mug_data], ref, progress=False)
     run = tmp_path / "killed"
@@ -66,18 +67,22 @@ def test_killed_training_resumes_with_the_same_loss_curve(tmp_path, mug_data):
            "--out", str(run), "--data", str(mug_data)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def saved_steps() -> list[int]:  # old checkpoints are rotated away, so look for any at step >= 10
+        return [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*") if "." not in p.name]
+
     deadline = time.time() + 120
-    while time.time() < deadline and not list((run / "checkpoints").glob("step-0000010")):
-        time.sleep(0.1)
+    while time.time() < deadline and proc.poll() is None and not any(s >= 10 for s in saved_steps()):
+        time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = read_log(run)
-    assert 10 <= done[-1][0] < 60, "the kill must interrupt the run"
+    assert 10 <= done[-1][0] < steps, "the kill must interrupt the run"
     res = CliRunner().invoke(main, ["train", "--category", "mug", "--config", str(config), "--out", str(run),
                                     "--data", str(mug_data), "--resume"])
     assert res.exit_code == 0, res.output
     resumed, reference = read_log(run), read_log(ref)
-    assert [s for s, _ in resumed] == list(range(1, 61))
+    assert [s for s, _ in resumed] == list(range(1, steps + 1))
     np.testing.assert_allclose([l for _, l in resumed], [l for _, l in reference], rtol=1e-5)
 
 
