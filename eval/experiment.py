@@ -13,7 +13,8 @@ stage cached under the output folder so that a re-run resumes:
    subsets per training set: generated + real train, generated only, real train only, test.
 7. ``encoder/``: Point-M2AE pretraining on the unlabelled train shapes (never test shapes).
 8. rows: teacher voting, TTA, Pre, Pre + BD (real / generated / both), Pre + BD with intra-set
-   refinement; each distillation row for each seed (``distill.seeds``, or the row's own ``seeds``);
+   refinement; a ``pre`` row's ``backward_options`` override the distillation config's ``backward``
+   section (e.g. ``{normalize: part}``, :func:`distill.backward.normalize_per_part`); each distillation row for each seed (``distill.seeds``, or the row's own ``seeds``);
    predictions on the Labeled-PSB *test* meshes,
    scored per face (5-NN vote) under both mIoU conventions, 2D mIoU before / after BD; a PNG per
    row and seed (``rows/<row>-<teacher>-s<seed>/sheet.png``: 6 test shapes, ground truth beside prediction).
@@ -74,10 +75,25 @@ def load_experiment(path: str | os.PathLike, quick: bool = False) -> dict[str, A
     for row in cfg["rows"]:
         if row.get("kind") not in ROW_KINDS:
             raise ValueError(f"{path}: row {row.get('name')!r} has kind {row.get('kind')!r}; known: {ROW_KINDS}")
+        if row.get("backward_options") is not None:
+            _check_backward_options(path, row)
         for t in row.get("teachers", []):
             if t not in cfg["teachers"]:
                 raise ValueError(f"{path}: row {row['name']!r} names teacher {t!r}, not in teachers: {list(cfg['teachers'])}")
     return cfg
+
+
+def _check_backward_options(path: Path, row: dict[str, Any]) -> None:
+    """A row's ``backward_options``: a mapping of known ``backward`` keys, on a ``pre`` row (ValueError)."""
+    from distill.trainer import resolve_config
+
+    opts = row["backward_options"]
+    if row["kind"] != "pre" or not isinstance(opts, dict):
+        raise ValueError(f"{path}: row {row['name']!r}: backward_options must be a mapping, on a 'pre' row")
+    try:
+        resolve_config({"backward": opts})
+    except ValueError as exc:
+        raise ValueError(f"{path}: row {row['name']!r}: backward_options: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,6 +409,7 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
                         c["model"].update({"config": dcfg["student"], "encoder": str(encoder)})
                         c["train"].update({"epochs": dcfg["epochs"], "seed": seed})
                         c["backward"]["enabled"] = bool(row.get("backward", True))
+                        c["backward"].update(row.get("backward_options") or {})
                         kfile = kdir / f"{tname}{ksuffix}-{train_set}.h5"
                         train_distill(out / "all.h5", kfile, c, rdir / "run", resume=(rdir / "run" / "log.jsonl").exists(),
                                       progress=False)

@@ -135,6 +135,10 @@ def discussion(summary: dict[str, Any]) -> str:
         if refine is not None and bd is not None:
             parts.append(f"intra-set refinement of the knowledge {'raises' if refine > bd else 'does not raise'} "
                          f"Pre + BD ({100 * refine:.1f} vs {100 * bd:.1f})")
+        part = get("pre_bd_part", t)
+        if part is not None and bd is not None:
+            parts.append(f"per-part normalised re-scoring (`backward.normalize: part`, ours) "
+                         f"{'raises' if part > bd else 'does not raise'} Pre + BD ({100 * part:.1f} vs {100 * bd:.1f})")
         main = res.get(f"pre_bd|{t}")
         two_d = [x["miou_2d"] for x in main["runs"] if x.get("miou_2d") and x["miou_2d"].get("after") is not None] \
             if main else []

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from eval.cli import main
@@ -68,6 +69,10 @@ def test_quick_chair_experiment_runs_every_stage_scores_and_resumes(tmp_path):
                 assert run["coseg"]["shapes"] == 3 and 0.0 <= run["coseg"]["face_skip"] <= run["coseg"]["face_one"] <= 1.0
             else:
                 assert "coseg" not in run
+    # a row's backward_options reach the trainer: per-part normalised re-scoring ran and was logged
+    part_run = out / "rows" / "pre_bd_part-simulated-s0" / "run"
+    assert yaml.safe_load((part_run / "config.yaml").read_text())["backward"]["normalize"] == "part"
+    assert any("unit_scores_eq4" in json.loads(x) for x in (part_run / "log.jsonl").read_text().splitlines())
     for rdir in (out / "rows").iterdir():   # ground truth beside prediction, 6 test shapes: 3 rows of 4 tiles
         from PIL import Image
 
@@ -89,6 +94,17 @@ def test_experiment_config_errors_are_clear(tmp_path):
         load_experiment(bad)
     with pytest.raises(FileNotFoundError):
         load_experiment(tmp_path / "none.yaml")
+    good = load_experiment("configs/experiments/chair.yaml")
+    for opts, msg in (({"normalise": "part"}, "unknown backward keys"), ({"normalize": "unit"}, "must be 'none' or 'part'")):
+        cfg = {k: v for k, v in good.items() if k != "quick"}
+        cfg["rows"] = [{"name": "r", "kind": "pre", "teachers": ["simulated"], "backward_options": opts}]
+        bad.write_text(yaml.safe_dump(cfg))
+        with pytest.raises(ValueError, match=f"row 'r': backward_options: .*{msg}"):
+            load_experiment(bad)
+    cfg["rows"] = [{"name": "v", "kind": "vote", "teachers": ["simulated"], "backward_options": {"normalize": "part"}}]
+    bad.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="on a 'pre' row"):
+        load_experiment(bad)
 
 
 def test_results_md_sections_are_replaced_not_duplicated(tmp_path):
@@ -167,6 +183,7 @@ def test_discussion_is_computed_from_the_numbers():
            "pre_bd|t": {"row": "pre_bd", "teacher": "t", "simulated": False,
                         "runs": [run(0.64, miou_2d={"before": 0.5, "after": 0.6}), run(0.66), run(0.65)]},
            "pre_bd_refine|t": {"row": "pre_bd_refine", "teacher": "t", "simulated": False, "runs": [run(0.68)]},
+           "pre_bd_part|t": {"row": "pre_bd_part", "teacher": "t", "simulated": False, "runs": [run(0.62)]},
            "voting|s": {"row": "voting", "teacher": "s", "simulated": True, "runs": [run(0.90)]}}
     text = discussion({"quick": False, "results": res})
     assert "Pre + BD beats direct voting (65.0 vs 60.0" in text
@@ -175,5 +192,6 @@ def test_discussion_is_computed_from_the_numbers():
     assert "intra-set refinement of the knowledge raises Pre + BD (68.0 vs 65.0)" in text
     assert "from 50.0 to 60.0 (the student's agreement tracks" in text
     assert "over 3 seeds Pre + BD ranges 64.0-66.0" in text
+    assert "re-scoring (`backward.normalize: part`, ours) does not raise Pre + BD (62.0 vs 65.0)" in text
     # the simulated teacher's 90.0 is not the best "real teacher" row
     assert "best row with a real teacher (not simulated from ground truth) is **pre** with **t** (70.0" in text
