@@ -14,8 +14,8 @@ stage cached under the output folder so that a re-run resumes:
 7. ``encoder/``: Point-M2AE pretraining on the unlabelled train shapes (never test shapes).
 8. rows: teacher voting, TTA, Pre, Pre + BD (real / generated / both), Pre + BD with intra-set
    refinement; a ``pre`` row's ``backward_options`` override the distillation config's ``backward``
-   section (e.g. ``{normalize: part}``, :func:`distill.backward.normalize_per_part`); each distillation row for each seed (``distill.seeds``, or the row's own ``seeds``);
-   predictions on the Labeled-PSB *test* meshes,
+   section (e.g. ``{normalize: part}``, :func:`distill.backward.normalize_per_part`); each distillation
+   row for each seed (``distill.seeds``, or the row's own ``seeds``); predictions on the Labeled-PSB *test* meshes,
    scored per face (5-NN vote) under both mIoU conventions, 2D mIoU before / after BD; a PNG per
    row and seed (``rows/<row>-<teacher>-s<seed>/sheet.png``: 6 test shapes, ground truth beside prediction).
    With ``coseg=ROOT``: the COSEG sets under ROOT pooled into ``coseg-<hash>.h5`` and every Pre row's
