@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from gen3d.cli import main
 from gen3d.collection import Collection
 from gen3d.pool import PoolSettings, pool
+from gen3d.runs import latest_checkpoint
 from gen3d.sample import CheckpointNotFoundError, generate_collection, resolve_checkpoint
 from gen3d.train import load_config, train
 
@@ -67,11 +68,12 @@ def test_killed_training_resumes_with_the_same_loss_curve(tmp_path, mug_data):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
-    def saved_steps() -> list[int]:  # old checkpoints are rotated away, so look for any at step >= 10
-        return [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*") if "." not in p.name]
+    def past_step_10() -> bool:  # old checkpoints are rotated away: ask for the newest complete one
+        ckpt = latest_checkpoint(run)
+        return ckpt is not None and ckpt.name >= "step-0000010"
 
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not any(s >= 10 for s in saved_steps()):
+    while time.time() < deadline and proc.poll() is None and not past_step_10():
         time.sleep(0.01)
     proc.kill()  # SIGKILL; a no-op if the run already ended (then the assertion below says so)
     proc.wait()
