@@ -135,6 +135,30 @@ class Stages:
         return result
 
 
+def generator_provenance(path: str | os.PathLike) -> dict[str, Any]:
+    """Which generator made the generated shapes of a collection, from their provenance.
+
+    Returns:
+        ``{"checkpoint_sha256": [...], "checkpoint_steps": [...]}``: the distinct weight hashes
+        (:func:`gen3d.sample.checkpoint_hash`) in order of first use, and the training steps in each
+        checkpoint's ``training.json`` where the recorded folder still holds those same weights
+        (None otherwise, e.g. after a shipped checkpoint was replaced).
+    """
+    from gen3d.collection import Collection
+    from gen3d.sample import checkpoint_hash
+
+    digests: dict[str, int | None] = {}
+    with Collection(path) as col:
+        for i in col.select(source="generated"):
+            prov = col.provenance(int(i))
+            digest = prov.get("checkpoint_sha256")
+            if digest and digest not in digests:
+                folder = Path(prov.get("checkpoint", ""))
+                same = (folder / "training.json").is_file() and checkpoint_hash(folder) == digest
+                digests[digest] = json.loads((folder / "training.json").read_text()).get("steps") if same else None
+    return {"checkpoint_sha256": list(digests), "checkpoint_steps": list(digests.values())}
+
+
 def _json(o):
     if isinstance(o, (np.integer, np.floating)):
         return o.item()
@@ -445,7 +469,8 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
                "results": results, "vote_2d_test": vote_2d, "stage_seconds": st.times,
                "wall_seconds": sum(st.times.values()), "reused": st.reused, "session_seconds": time.perf_counter() - t_start,
                "hardware": hardware(), "counts": {k: len(v) for k, v in groups.items()},
-               "generate": cfg["generate"], "distill": dcfg, "teachers": cfg["teachers"]}
+               "generate": {**cfg["generate"], **generator_provenance(out / "generated.h5")},
+               "distill": dcfg, "teachers": cfg["teachers"]}
     if coseg:
         summary["coseg"] = {"root": str(coseg), "collection": str(coseg_file), "shapes": len(coseg_rows)}
     tmp = out / "results.json.tmp"

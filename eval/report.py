@@ -43,6 +43,16 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+def _generator(generate: dict[str, Any]) -> str:
+    """Which checkpoint made the generated shapes: "shipped checkpoint" or the configured folder,
+    with the weight hash(es) and training steps when the experiment recorded them."""
+    name = f"checkpoint `{generate['checkpoint']}`" if generate.get("checkpoint") else "shipped checkpoint"
+    digests = generate.get("checkpoint_sha256") or []
+    steps = generate.get("checkpoint_steps") or [None] * len(digests)
+    made = [f"weights {d}" + (f", {s} training steps" if s is not None else "") for d, s in zip(digests, steps)]
+    return "; ".join([name, *made])
+
+
 def section(summary: dict[str, Any]) -> str:
     """The Markdown section of one experiment's ``results.json``."""
     name, cat = summary["name"], summary["category"]
@@ -53,7 +63,8 @@ def section(summary: dict[str, Any]) -> str:
              f"Command: `pdeval experiment {summary['config']}{' --quick' if summary.get('quick') else ''}`; "
              f"hardware: {hw['cores']} CPU cores{', GPU ' + hw['gpu'] if hw.get('gpu') else ', no GPU'}, torch {hw['torch']}; "
              f"total stage time {summary['wall_seconds'] / 60:.1f} min.",
-             f"Data: {summary['generate']['n']} generated {cat}s (shipped checkpoint, {summary['generate'].get('scheduler', 'ddim')}-"
+             f"Data: {summary['generate']['n']} generated {cat}s ({_generator(summary['generate'])}, "
+             f"{summary['generate'].get('scheduler', 'ddim')}-"
              f"{summary['generate'].get('steps', 50)}), Labeled-PSB {cat}s "
              f"({summary['counts']['real_train']} train, {summary['counts']['test']} test). "
              f"Distillation: {summary['distill']['epochs']} epochs, seeds per row in the `seeds` column (a single seed "

@@ -79,6 +79,14 @@ def test_quick_chair_experiment_runs_every_stage_scores_and_resumes(tmp_path):
         assert Image.open(rdir / "sheet.png").size == (4 * 256, 3 * 256), rdir
     text = md.read_text()
     assert "COSEG face (one / skip)" in text and "sheet.png" in text
+    # the report names the weights that made the generated shapes, and their training steps
+    from gen3d.sample import checkpoint_hash, shipped_checkpoint
+
+    shipped = shipped_checkpoint("chair")
+    steps = json.loads((shipped / "training.json").read_text())["steps"]
+    assert summary["generate"]["checkpoint_sha256"] == [checkpoint_hash(shipped)]
+    assert summary["generate"]["checkpoint_steps"] == [steps]
+    assert f"weights {checkpoint_hash(shipped)}, {steps} training steps" in text
     assert "kept text" in text and "<!-- experiment:chair-quick -->" in text and "| voting | simulated |" in text
     # a re-run resumes from cached stages and rewrites the section in place (not appended twice)
     res = CliRunner().invoke(main, args)
@@ -195,3 +203,21 @@ def test_discussion_is_computed_from_the_numbers():
     assert "re-scoring (`backward.normalize: part`, ours) does not raise Pre + BD (62.0 vs 65.0)" in text
     # the simulated teacher's 90.0 is not the best "real teacher" row
     assert "best row with a real teacher (not simulated from ground truth) is **pre** with **t** (70.0" in text
+
+
+def test_generator_provenance_drops_steps_when_the_checkpoint_folder_changed(tmp_path):
+    """Steps are read from the recorded checkpoint folder only while it holds the recorded weights."""
+    import shutil
+
+    from eval.experiment import generator_provenance
+    from gen3d.sample import checkpoint_hash, generate_collection, shipped_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(shipped_checkpoint("airplane"), ckpt)
+    generate_collection("airplane", 2, tmp_path / "gen.h5", ckpt, "ddim", 2, seed=0, mesh=False, progress=False)
+    digest = checkpoint_hash(ckpt)
+    steps = json.loads((ckpt / "training.json").read_text())["steps"]
+    assert generator_provenance(tmp_path / "gen.h5") == {"checkpoint_sha256": [digest], "checkpoint_steps": [steps]}
+    weights = next(ckpt.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes() + b" ")   # the folder now holds other weights
+    assert generator_provenance(tmp_path / "gen.h5") == {"checkpoint_sha256": [digest], "checkpoint_steps": [None]}
