@@ -1,12 +1,14 @@
 """Sampling speed and quality per scheduler, and the surface step's speed.
 
     python benchmarks/bench_sampling.py [--category chair] [--checkpoint DIR] [-n 32] [--grid 128]
+        [--runs ddpm:1000,dpm:25,sde-dpm:25] [--skip-ddpm]
 
 For DDPM-1000, DDIM-50, DPM-Solver++-25 and -50 on the same checkpoint and the same initial noise
 (shape i of seed 0), prints shapes per second and 1-NNA-CD against n held-out procedural shapes
 (seed 1), then the seconds per shape of the surface step (DPSR + marching cubes) at --grid.
 Goal (issue): DPM-Solver-25 >= 20x faster than DDPM-1000 with 1-NNA-CD within 2 points.
-With small n (CPU), 1-NNA has a standard error of several points; read differences accordingly.
+With small n (CPU), 1-NNA has a standard error of several points (the "+-" column: the binomial
+standard error sqrt(p (1 - p) / 2n) of a 2n-cloud leave-one-out accuracy); read differences accordingly.
 """
 from __future__ import annotations
 
@@ -20,7 +22,25 @@ from eval.generation import mmd_cov_1nna, normalize_clouds
 from gen3d.procedural import generate
 from gen3d.sample import load_generator, resolve_checkpoint, sample_clouds
 
-RUNS = (("ddpm", 1000), ("ddim", 50), ("ddim", 25), ("dpm", 25), ("dpm", 50), ("sde-dpm", 25), ("sde-dpm", 50))
+RUNS = "ddpm:1000,ddim:50,ddim:25,dpm:25,dpm:50,sde-dpm:25,sde-dpm:50"
+
+
+def parse_runs(text: str) -> list[tuple[str, int]]:
+    """``"ddpm:1000,dpm:25"`` -> ``[("ddpm", 1000), ("dpm", 25)]``.
+
+    Raises:
+        argparse.ArgumentTypeError: an item that is not SCHEDULER:STEPS with a known scheduler.
+    """
+    from gen3d.sample import SCHEDULERS
+
+    runs = []
+    for item in text.split(","):
+        kind, _, steps = item.strip().partition(":")
+        if kind not in SCHEDULERS or not steps.isdigit() or int(steps) < 1:
+            raise argparse.ArgumentTypeError(f"--runs item {item!r}: expected SCHEDULER:STEPS with SCHEDULER in "
+                                             f"{list(SCHEDULERS)} and STEPS >= 1")
+        runs.append((kind, int(steps)))
+    return runs
 
 
 def main() -> None:
@@ -29,6 +49,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("-n", type=int, default=32)
     ap.add_argument("--grid", type=int, default=128)
+    ap.add_argument("--runs", type=parse_runs, default=parse_runs(RUNS),
+                    help=f"comma-separated SCHEDULER:STEPS to compare [default: {RUNS}]")
     ap.add_argument("--skip-ddpm", action="store_true", help="leave out DDPM-1000 (slow on a CPU)")
     args = ap.parse_args()
     model_dir = resolve_checkpoint(args.category, args.checkpoint)
@@ -36,7 +58,7 @@ def main() -> None:
     ref = torch.from_numpy(np.stack([generate(args.category, i, seed=1).points for i in range(args.n)]))
     ref = normalize_clouds(ref)
     rows, clouds = [], {}
-    for kind, steps in RUNS:
+    for kind, steps in args.runs:
         if args.skip_ddpm and kind == "ddpm":
             continue
         t0 = time.perf_counter()
@@ -46,17 +68,19 @@ def main() -> None:
         m = mmd_cov_1nna(normalize_clouds(torch.from_numpy(pts)), ref)
         rows.append((kind, steps, args.n / sec, sec, 100 * m["1-NNA-CD"], 1e3 * m["MMD-CD"], 100 * m["COV-CD"]))
     print(f"checkpoint {model_dir}; n = {args.n} shapes of 2048 points; reference: {args.n} procedural (seed 1)")
-    print("| scheduler | steps | shapes/s | seconds | speed-up vs DDPM-1000 | 1-NNA-CD (%) | MMD-CD (x10^3) | COV-CD (%) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| scheduler | steps | shapes/s | seconds | speed-up vs DDPM-1000 | 1-NNA-CD (%) | +- | MMD-CD (x10^3) | COV-CD (%) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     base = next((r[3] for r in rows if r[0] == "ddpm"), None)
     for kind, steps, sps, sec, nna, mmd, cov in rows:
         speed = f"{base / sec:.1f}x" if base else "-"
-        print(f"| {kind} | {steps} | {sps:.2f} | {sec:.1f} | {speed} | {nna:.1f} | {mmd:.2f} | {cov:.1f} |")
+        se = 100 * np.sqrt(nna / 100 * (1 - nna / 100) / (2 * args.n))
+        print(f"| {kind} | {steps} | {sps:.2f} | {sec:.1f} | {speed} | {nna:.1f} | {se:.1f} | {mmd:.2f} | {cov:.1f} |")
     import trimesh
 
     from gen3d.surface import reconstruct
 
-    pts = clouds[("ddim", 50)]
+    source = ("ddim", 50) if ("ddim", 50) in clouds else next(iter(clouds))
+    pts = clouds[source]
     t0 = time.perf_counter()
     watertight = 0
     for p in pts:
@@ -64,7 +88,7 @@ def main() -> None:
         watertight += trimesh.Trimesh(res.vertices, res.faces, process=False).is_watertight
     per = (time.perf_counter() - t0) / len(pts)
     print(f"\n| surface step | grid | seconds per shape | watertight |\n|---|---|---|---|\n"
-          f"| DPSR + marching cubes (normals estimated) | {args.grid} | {per:.2f} | {watertight}/{len(pts)} |")
+          f"| DPSR + marching cubes (normals estimated), on the {source[0]}-{source[1]} samples | {args.grid} | {per:.2f} | {watertight}/{len(pts)} |")
 
 
 if __name__ == "__main__":

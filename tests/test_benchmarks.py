@@ -1,0 +1,61 @@
+"""The generation benchmark scripts run end to end on the shipped checkpoints with tiny sizes and
+print their tables (the numbers themselves are measured by hand; see docs/generation.md)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> str:
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True,
+                         text=True, cwd=REPO, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def _table(text: str, header: str) -> list[list[str]]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_bench_sampling_prints_speed_and_quality_per_scheduler():
+    out = _run("bench_sampling.py", "--category", "chair", "-n", "2", "--runs", "ddpm:4,dpm:2", "--grid", "32")
+    rows = _table(out, "| scheduler")
+    assert [(r[0], r[1]) for r in rows] == [("ddpm", "4"), ("dpm", "2")]
+    for r in rows:
+        assert float(r[2]) > 0 and r[4].endswith("x")
+        assert 0.0 <= float(r[5]) <= 100.0 and float(r[6]) >= 0.0   # 1-NNA (%) and its standard error
+    assert rows[0][4] == "1.0x"
+    surface = _table(out, "| surface step")
+    assert len(surface) == 1 and surface[0][1] == "32" and surface[0][3].endswith("/2")
+
+
+def test_bench_sampling_rejects_unknown_runs():
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_sampling.py"), "--runs", "euler:10"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 2 and "--runs item 'euler:10'" in res.stderr
+
+
+def test_eval_generator_compares_several_checkpoints(tmp_path, data_root):
+    from gen3d.sample import shipped_checkpoint
+
+    ckpt = str(shipped_checkpoint("chair"))
+    out = _run("eval_generator.py", "--category", "chair", "-n", "2", "--steps", "2", "--checkpoint", ckpt,
+               "--checkpoint", ckpt, "--data-root", str(data_root), "--json", str(tmp_path / "m.json"))
+    rows = _table(out, "| checkpoint")
+    assert len(rows) == 5   # 2 checkpoints x 2 references + the published row
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert len(result["checkpoints"]) == 2
+    a, b = (c["metrics"] for c in result["checkpoints"])
+    assert a == b   # same weights, same noise, same references: identical metrics
+    assert a["Labeled-PSB test"]["n_ref"] == 10 and a["held-out procedural (seed 1)"]["n_ref"] == 2
