@@ -25,21 +25,28 @@ from gen3d.sample import load_generator, resolve_checkpoint, sample_clouds
 RUNS = "ddpm:1000,ddim:50,ddim:25,dpm:25,dpm:50,sde-dpm:25,sde-dpm:50"
 
 
-def parse_runs(text: str) -> list[tuple[str, int]]:
-    """``"ddpm:1000,dpm:25"`` -> ``[("ddpm", 1000), ("dpm", 25)]``.
+def parse_runs(text: str) -> list[tuple[str, int, dict]]:
+    """``"ddpm:1000,dpm:25:use_karras_sigmas=true"`` ->
+    ``[("ddpm", 1000, {}), ("dpm", 25, {"use_karras_sigmas": True})]``.
+
+    Items are ``SCHEDULER:STEPS[:KEY=VALUE...]``; KEY=VALUE pairs are diffusers scheduler settings
+    passed to :func:`gen3d.sample.make_scheduler` (values read as YAML scalars).
 
     Raises:
-        argparse.ArgumentTypeError: an item that is not SCHEDULER:STEPS with a known scheduler.
+        argparse.ArgumentTypeError: an item that is not of that form or names an unknown scheduler.
     """
+    import yaml
+
     from gen3d.sample import SCHEDULERS
 
     runs = []
     for item in text.split(","):
-        kind, _, steps = item.strip().partition(":")
-        if kind not in SCHEDULERS or not steps.isdigit() or int(steps) < 1:
-            raise argparse.ArgumentTypeError(f"--runs item {item!r}: expected SCHEDULER:STEPS with SCHEDULER in "
-                                             f"{list(SCHEDULERS)} and STEPS >= 1")
-        runs.append((kind, int(steps)))
+        kind, steps, *pairs = item.strip().split(":")
+        if kind not in SCHEDULERS or not steps.isdigit() or int(steps) < 1 or not all("=" in kv for kv in pairs):
+            raise argparse.ArgumentTypeError(f"--runs item {item!r}: expected SCHEDULER:STEPS[:KEY=VALUE...] with "
+                                             f"SCHEDULER in {list(SCHEDULERS)} and STEPS >= 1")
+        options = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in pairs)}
+        runs.append((kind, int(steps), options))
     return runs
 
 
@@ -48,9 +55,10 @@ def main() -> None:
     ap.add_argument("--category", default="chair")
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("-n", type=int, default=32)
-    ap.add_argument("--grid", type=int, default=128)
+    ap.add_argument("--grid", type=int, default=128, help="grid of the surface step; 0 skips it")
     ap.add_argument("--runs", type=parse_runs, default=parse_runs(RUNS),
-                    help=f"comma-separated SCHEDULER:STEPS to compare [default: {RUNS}]")
+                    help=f"comma-separated SCHEDULER:STEPS[:KEY=VALUE...] to compare, KEY=VALUE being diffusers "
+                         f"scheduler settings, e.g. dpm:25:use_karras_sigmas=true [default: {RUNS}]")
     ap.add_argument("--skip-ddpm", action="store_true", help="leave out DDPM-1000 (slow on a CPU)")
     args = ap.parse_args()
     model_dir = resolve_checkpoint(args.category, args.checkpoint)
@@ -58,19 +66,23 @@ def main() -> None:
     ref = torch.from_numpy(np.stack([generate(args.category, i, seed=1).points for i in range(args.n)]))
     ref = normalize_clouds(ref)
     rows, clouds = [], {}
-    for kind, steps in args.runs:
+    for kind, steps, options in args.runs:
         if args.skip_ddpm and kind == "ddpm":
             continue
         t0 = time.perf_counter()
-        pts = sample_clouds(model, model_dir, list(range(args.n)), 2048, kind, steps, seed=0)
+        pts = sample_clouds(model, model_dir, list(range(args.n)), 2048, kind, steps, seed=0, scheduler_options=options)
         sec = time.perf_counter() - t0
-        clouds[(kind, steps)] = pts
+        if not options:
+            clouds[(kind, steps)] = pts
+        name = kind + "".join(f" {k}={v}" for k, v in options.items())
         m = mmd_cov_1nna(normalize_clouds(torch.from_numpy(pts)), ref)
-        rows.append((kind, steps, args.n / sec, sec, 100 * m["1-NNA-CD"], 1e3 * m["MMD-CD"], 100 * m["COV-CD"]))
+        rows.append((name, steps, args.n / sec, sec, 100 * m["1-NNA-CD"], 1e3 * m["MMD-CD"], 100 * m["COV-CD"]))
     print(f"checkpoint {model_dir}; n = {args.n} shapes of 2048 points; reference: {args.n} procedural (seed 1)")
-    print("| scheduler | steps | shapes/s | seconds | speed-up vs DDPM-1000 | 1-NNA-CD (%) | +- | MMD-CD (x10^3) | COV-CD (%) |")
+    base_row = next((r for r in rows if r[0] == "ddpm"), None)
+    base = base_row[3] if base_row else None
+    print(f"| scheduler | steps | shapes/s | seconds | speed-up vs DDPM-{base_row[1] if base_row else 1000} | "
+          "1-NNA-CD (%) | +- | MMD-CD (x10^3) | COV-CD (%) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    base = next((r[3] for r in rows if r[0] == "ddpm"), None)
     for kind, steps, sps, sec, nna, mmd, cov in rows:
         speed = f"{base / sec:.1f}x" if base else "-"
         se = 100 * np.sqrt(nna / 100 * (1 - nna / 100) / (2 * args.n))
@@ -79,6 +91,8 @@ def main() -> None:
 
     from gen3d.surface import reconstruct
 
+    if args.grid == 0 or not clouds:
+        return
     source = ("ddim", 50) if ("ddim", 50) in clouds else next(iter(clouds))
     pts = clouds[source]
     t0 = time.perf_counter()

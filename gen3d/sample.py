@@ -87,24 +87,32 @@ def load_generator(model_dir: Path, device: str | torch.device = "cpu") -> DiT3D
     return model.to(device).eval()
 
 
-def make_scheduler(kind: str, model_dir: Path):
+def make_scheduler(kind: str, model_dir: Path, **options):
     """A fresh diffusers scheduler of ``kind`` from the training scheduler's config.
+
+    Args:
+        kind: one of :data:`SCHEDULERS`.
+        model_dir: a model folder with ``scheduler_config.json``.
+        **options: extra keyword arguments for the diffusers scheduler's ``from_config`` that
+            override ours (e.g. ``use_karras_sigmas=True``, ``solver_order=3``), for experiments.
 
     Raises:
         ValueError: unknown kind.
     """
     config = DDPMScheduler.load_config(str(model_dir))
     if kind == "ddpm":
-        return DDPMScheduler.from_config(config)
+        return DDPMScheduler.from_config(config, **options)
     # Training clouds lie in the unit sphere, so every scheduler clips the predicted clean cloud to
     # [-1, 1] at each step (DDPM's default clip_sample). Without it, DPM-Solver++'s data prediction
     # x0 = (x - sigma * eps) / alpha amplifies eps errors ~150x at t = 999 and diverges.
     if kind == "ddim":
-        return DDIMScheduler.from_config(config, clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=False)
+        return DDIMScheduler.from_config(config, **{"clip_sample": True, "clip_sample_range": 1.0,
+                                                    "set_alpha_to_one": False, **options})
     if kind in ("dpm", "sde-dpm"):
         algorithm = "dpmsolver++" if kind == "dpm" else "sde-dpmsolver++"
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type=algorithm, solver_order=2,
-                                                       thresholding=True, sample_max_value=1.0)
+        return DPMSolverMultistepScheduler.from_config(config, **{"algorithm_type": algorithm, "solver_order": 2,
+                                                                  "thresholding": True, "sample_max_value": 1.0,
+                                                                  **options})
     raise ValueError(f"unknown scheduler {kind!r}; choose one of {SCHEDULERS}")
 
 
@@ -117,14 +125,17 @@ def shape_generator(seed: int, index: int) -> torch.Generator:
 
 @torch.no_grad()
 def sample_clouds(model: DiT3D, model_dir: Path, indices: list[int], num_points: int = 2048, scheduler: str = "ddim",
-                  steps: int = 50, seed: int = 0, step_callback: Callable[[], None] | None = None) -> np.ndarray:
+                  steps: int = 50, seed: int = 0, step_callback: Callable[[], None] | None = None,
+                  scheduler_options: dict | None = None) -> np.ndarray:
     """Generate the shapes ``indices`` of seed ``seed`` as one batch.
+
+    ``scheduler_options`` are passed to :func:`make_scheduler` (diffusers settings, experiments only).
 
     Returns:
         ``float32 [len(indices), num_points, 3]`` point clouds (the generator's unit-sphere scale).
     """
     device = next(model.parameters()).device
-    sched = make_scheduler(scheduler, model_dir)
+    sched = make_scheduler(scheduler, model_dir, **(scheduler_options or {}))
     sched.set_timesteps(steps)
     gens = [shape_generator(seed, i) for i in indices]
     x = torch.stack([torch.randn(num_points, 3, generator=g) for g in gens]).to(device) * sched.init_noise_sigma

@@ -29,9 +29,10 @@ def _table(text: str, header: str) -> list[list[str]]:
 
 
 def test_bench_sampling_prints_speed_and_quality_per_scheduler():
-    out = _run("bench_sampling.py", "--category", "chair", "-n", "2", "--runs", "ddpm:4,dpm:2", "--grid", "32")
+    out = _run("bench_sampling.py", "--category", "chair", "-n", "2", "--runs",
+               "ddpm:4,dpm:2,dpm:2:use_karras_sigmas=true:solver_order=1", "--grid", "32")
     rows = _table(out, "| scheduler")
-    assert [(r[0], r[1]) for r in rows] == [("ddpm", "4"), ("dpm", "2")]
+    assert [(r[0], r[1]) for r in rows] == [("ddpm", "4"), ("dpm", "2"), ("dpm use_karras_sigmas=True solver_order=1", "2")]
     for r in rows:
         assert float(r[2]) > 0 and r[4].endswith("x")
         assert 0.0 <= float(r[5]) <= 100.0 and float(r[6]) >= 0.0   # 1-NNA (%) and its standard error
@@ -41,9 +42,21 @@ def test_bench_sampling_prints_speed_and_quality_per_scheduler():
 
 
 def test_bench_sampling_rejects_unknown_runs():
-    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_sampling.py"), "--runs", "euler:10"],
-                         capture_output=True, text=True, cwd=REPO)
-    assert res.returncode == 2 and "--runs item 'euler:10'" in res.stderr
+    for item in ("euler:10", "dpm:0", "dpm:25:karras"):
+        res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_sampling.py"), "--runs", item],
+                             capture_output=True, text=True, cwd=REPO)
+        assert res.returncode == 2 and f"--runs item '{item}'" in res.stderr
+
+
+def test_scheduler_options_override_ours_and_keep_the_rest():
+    from gen3d.sample import make_scheduler, shipped_checkpoint
+
+    ckpt = shipped_checkpoint("chair")
+    default = make_scheduler("dpm", ckpt)
+    assert default.config.solver_order == 2 and default.config.thresholding and not default.config.use_karras_sigmas
+    custom = make_scheduler("dpm", ckpt, use_karras_sigmas=True, solver_order=3)
+    assert custom.config.use_karras_sigmas and custom.config.solver_order == 3 and custom.config.thresholding
+    assert make_scheduler("ddim", ckpt, clip_sample=False).config.clip_sample is False
 
 
 def test_eval_generator_compares_several_checkpoints(tmp_path, data_root):
