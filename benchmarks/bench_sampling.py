@@ -3,8 +3,8 @@
     python benchmarks/bench_sampling.py [--category chair] [--checkpoint DIR] [-n 32] [--grid 128]
         [--runs ddpm:1000,dpm:25,sde-dpm:25] [--skip-ddpm]
 
-For DDPM-1000, DDIM-50, DPM-Solver++-25 and -50 on the same checkpoint and the same initial noise
-(shape i of seed 0), prints shapes per second and 1-NNA-CD against n held-out procedural shapes
+For DDPM-1000, DDIM-50/25, DPM-Solver++-25/50 and SDE-DPM-Solver++-25/50 (or the --runs given) on
+the same checkpoint and the same initial noise (shape i of seed 0), prints shapes per second and 1-NNA-CD against n held-out procedural shapes
 (seed 1), then the seconds per shape of the surface step (DPSR + marching cubes) at --grid.
 Goal (issue): DPM-Solver-25 >= 20x faster than DDPM-1000 with 1-NNA-CD within 2 points.
 With small n (CPU), 1-NNA has a standard error of several points (the "+-" column: the binomial
@@ -20,7 +20,7 @@ import torch
 
 from eval.generation import mmd_cov_1nna, normalize_clouds
 from gen3d.procedural import generate
-from gen3d.sample import load_generator, resolve_checkpoint, sample_clouds
+from gen3d.sample import load_generator, make_scheduler, resolve_checkpoint, sample_clouds
 
 RUNS = "ddpm:1000,ddim:50,ddim:25,dpm:25,dpm:50,sde-dpm:25,sde-dpm:50"
 
@@ -62,6 +62,11 @@ def main() -> None:
     ap.add_argument("--skip-ddpm", action="store_true", help="leave out DDPM-1000 (slow on a CPU)")
     args = ap.parse_args()
     model_dir = resolve_checkpoint(args.category, args.checkpoint)
+    for kind, _, options in args.runs:   # unknown diffusers settings fail here, before any sampling
+        try:
+            make_scheduler(kind, model_dir, **options)
+        except ValueError as e:
+            ap.error(f"--runs: {e}")
     model = load_generator(model_dir, "cuda" if torch.cuda.is_available() else "cpu")
     ref = torch.from_numpy(np.stack([generate(args.category, i, seed=1).points for i in range(args.n)]))
     ref = normalize_clouds(ref)

@@ -97,23 +97,26 @@ def make_scheduler(kind: str, model_dir: Path, **options):
             override ours (e.g. ``use_karras_sigmas=True``, ``solver_order=3``), for experiments.
 
     Raises:
-        ValueError: unknown kind.
+        ValueError: unknown kind, or an option the diffusers scheduler does not have.
     """
     config = DDPMScheduler.load_config(str(model_dir))
-    if kind == "ddpm":
-        return DDPMScheduler.from_config(config, **options)
     # Training clouds lie in the unit sphere, so every scheduler clips the predicted clean cloud to
     # [-1, 1] at each step (DDPM's default clip_sample). Without it, DPM-Solver++'s data prediction
     # x0 = (x - sigma * eps) / alpha amplifies eps errors ~150x at t = 999 and diverges.
-    if kind == "ddim":
-        return DDIMScheduler.from_config(config, **{"clip_sample": True, "clip_sample_range": 1.0,
-                                                    "set_alpha_to_one": False, **options})
-    if kind in ("dpm", "sde-dpm"):
-        algorithm = "dpmsolver++" if kind == "dpm" else "sde-dpmsolver++"
-        return DPMSolverMultistepScheduler.from_config(config, **{"algorithm_type": algorithm, "solver_order": 2,
-                                                                  "thresholding": True, "sample_max_value": 1.0,
-                                                                  **options})
-    raise ValueError(f"unknown scheduler {kind!r}; choose one of {SCHEDULERS}")
+    if kind == "ddpm":
+        cls, ours = DDPMScheduler, {}
+    elif kind == "ddim":
+        cls, ours = DDIMScheduler, {"clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": False}
+    elif kind in ("dpm", "sde-dpm"):
+        cls, ours = DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++" if kind == "dpm" else "sde-dpmsolver++",
+                                                  "solver_order": 2, "thresholding": True, "sample_max_value": 1.0}
+    else:
+        raise ValueError(f"unknown scheduler {kind!r}; choose one of {SCHEDULERS}")
+    sched = cls.from_config(config, **{**ours, **options})
+    unknown = sorted(set(options) - set(sched.config))
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no setting {unknown}; see its diffusers documentation")
+    return sched
 
 
 def shape_generator(seed: int, index: int) -> torch.Generator:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -46,6 +48,9 @@ def test_bench_sampling_rejects_unknown_runs():
         res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_sampling.py"), "--runs", item],
                              capture_output=True, text=True, cwd=REPO)
         assert res.returncode == 2 and f"--runs item '{item}'" in res.stderr
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_sampling.py"), "--runs", "dpm:25:karras=1"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 2 and "DPMSolverMultistepScheduler has no setting ['karras']" in res.stderr
 
 
 def test_scheduler_options_override_ours_and_keep_the_rest():
@@ -57,6 +62,8 @@ def test_scheduler_options_override_ours_and_keep_the_rest():
     custom = make_scheduler("dpm", ckpt, use_karras_sigmas=True, solver_order=3)
     assert custom.config.use_karras_sigmas and custom.config.solver_order == 3 and custom.config.thresholding
     assert make_scheduler("ddim", ckpt, clip_sample=False).config.clip_sample is False
+    with pytest.raises(ValueError, match="karras"):
+        make_scheduler("dpm", ckpt, karras=True)
 
 
 def test_eval_generator_compares_several_checkpoints(tmp_path, data_root):
