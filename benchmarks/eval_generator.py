@@ -23,7 +23,7 @@ from pathlib import Path
 from eval.generation import evaluate_collections
 from gen3d.pool import PoolSettings, pool
 from gen3d.readers import default_data_root
-from gen3d.sample import generate_collection, resolve_checkpoint
+from gen3d.sample import generate_collection, resolve_checkpoint, training_info
 
 # DiT-3D's released S/4 chair checkpoint, as its README (github.com/DiT-3D/DiT-3D) reports it on
 # ShapeNet chairs (PointFlow's PC15k protocol, 2048 points): 1-NNA-CD 56.31 %, COV-CD 47.21 %
@@ -59,7 +59,7 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         rows = {name: evaluate_collections(tmp / f"gen{i}.h5", ref, category=args.category, num_points=2048,
                                            seed=args.seed) for name, ref in refs.items()}
-        training = json.loads((model_dir / "training.json").read_text()) if (model_dir / "training.json").exists() else {}
+        training = training_info(model_dir)
         results.append({"checkpoint": str(model_dir), "training_steps": training.get("steps"),
                         "training_seconds": training.get("wall_seconds"), "sampling_seconds": round(seconds, 1),
                         "metrics": rows})

@@ -145,7 +145,7 @@ def generator_provenance(path: str | os.PathLike) -> dict[str, Any]:
         (None otherwise, e.g. after a shipped checkpoint was replaced).
     """
     from gen3d.collection import Collection
-    from gen3d.sample import checkpoint_hash
+    from gen3d.sample import checkpoint_hash, training_info
 
     digests: dict[str, int | None] = {}
     with Collection(path) as col:
@@ -155,7 +155,7 @@ def generator_provenance(path: str | os.PathLike) -> dict[str, Any]:
             if digest and digest not in digests:
                 folder = Path(prov.get("checkpoint", ""))
                 same = (folder / "training.json").is_file() and checkpoint_hash(folder) == digest
-                digests[digest] = json.loads((folder / "training.json").read_text()).get("steps") if same else None
+                digests[digest] = training_info(folder).get("steps") if same else None
     return {"checkpoint_sha256": list(digests), "checkpoint_steps": list(digests.values())}
 
 

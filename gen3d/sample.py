@@ -81,6 +81,22 @@ def checkpoint_hash(model_dir: Path) -> str:
     return hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
 
 
+def training_info(model_dir: Path) -> dict:
+    """The model folder's ``training.json`` (steps, wall time, data, config, final loss; written by
+    :func:`gen3d.train.train`), or ``{}`` when the folder has none (e.g. weights saved by hand).
+
+    Raises:
+        ValueError: ``training.json`` exists but is not valid JSON (names the file).
+    """
+    path = Path(model_dir) / "training.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def load_generator(model_dir: Path, device: str | torch.device = "cpu") -> DiT3D:
     """Load a DiT-3D model folder (weights may be stored in float16) as float32, in eval mode."""
     model = DiT3D.from_pretrained(str(model_dir), torch_dtype=torch.float32)
@@ -181,7 +197,7 @@ def generate_collection(category: str, n: int, out: str | os.PathLike, checkpoin
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_generator(model_dir, device)
     make_scheduler(scheduler, model_dir)  # validates the name before any work
-    info = json.loads((model_dir / "training.json").read_text()) if (model_dir / "training.json").exists() else {}
+    info = training_info(model_dir)
     num_points = int(info.get("config", {}).get("num_points", 2048))
     digest = checkpoint_hash(model_dir)
     names = part_names(category) if _has_parts(category) else ()

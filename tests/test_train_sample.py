@@ -175,6 +175,17 @@ def test_export_model_half_precision_round_trip(tmp_path, tiny_model):
         np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), atol=2e-3, rtol=2e-3)
 
 
+def test_training_info_reads_absent_and_broken_files(tmp_path, tiny_model):
+    from gen3d.sample import training_info
+
+    info = training_info(tiny_model)
+    assert info == json.loads((tiny_model / "training.json").read_text()) and info["steps"] > 0
+    assert training_info(tmp_path) == {}
+    (tmp_path / "training.json").write_text('{"steps": 3')
+    with pytest.raises(ValueError, match="training.json"):
+        training_info(tmp_path)
+
+
 @pytest.mark.parametrize("category", ["chair", "airplane"])
 def test_shipped_checkpoints_load_and_sample(tmp_path, category):
     from gen3d.sample import shipped_checkpoint
