@@ -41,7 +41,7 @@ from .runs import resume_checkpoint, save_checkpoint, truncate_log
 
 DEFAULT_TRAIN = {"batch_size": 16, "lr": 1e-4, "weight_decay": 0.0, "steps": 10000, "ema_decay": 0.999,
                  "checkpoint_every": 500, "log_every": 10, "keep_checkpoints": 2, "seed": 0,
-                 "mixed_precision": "bf16", "grad_clip": 1.0}
+                 "mixed_precision": "bf16", "grad_clip": 1.0, "lr_cooldown_steps": 0}
 DEFAULT_DIFFUSION = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
                      "prediction_type": "epsilon"}
 
@@ -49,8 +49,8 @@ DEFAULT_DIFFUSION = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end"
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
     """Read a ``configs/gen3d/*.yaml`` file and fill in defaults.
 
-    Keys: ``model`` (DiT3D arguments), ``train`` (see ``DEFAULT_TRAIN``), ``diffusion``
-    (DDPMScheduler arguments), ``num_points``.
+    Keys: ``model`` (DiT3D arguments), ``train`` (see ``DEFAULT_TRAIN``; ``lr_cooldown_steps``: see
+    :func:`learning_rate`), ``diffusion`` (DDPMScheduler arguments), ``num_points``.
 
     Raises:
         FileNotFoundError; ValueError for unknown keys.
@@ -60,9 +60,26 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     bad = set(cfg.get("train", {})) - set(DEFAULT_TRAIN)
     if bad:
         raise ValueError(f"{path}: unknown train keys {sorted(bad)} (known: {sorted(DEFAULT_TRAIN)})")
-    return {"model": dict(cfg.get("model", {})), "train": {**DEFAULT_TRAIN, **cfg.get("train", {})},
+    train_cfg = {**DEFAULT_TRAIN, **cfg.get("train", {})}
+    if not 0 <= train_cfg["lr_cooldown_steps"] <= train_cfg["steps"]:
+        raise ValueError(f"{path}: train.lr_cooldown_steps must lie in [0, train.steps = {train_cfg['steps']}], "
+                         f"got {train_cfg['lr_cooldown_steps']}")
+    return {"model": dict(cfg.get("model", {})), "train": train_cfg,
             "diffusion": {**DEFAULT_DIFFUSION, **cfg.get("diffusion", {})}, "num_points": int(cfg.get("num_points", 2048)),
             "description": cfg.get("description", "")}
+
+
+def learning_rate(train_config: dict[str, Any], step: int) -> float:
+    """Learning rate of the optimiser step taken at 0-based ``step``: ``lr`` held constant, then,
+    over the last ``lr_cooldown_steps`` of the config's ``steps``, decayed linearly towards 0 (the
+    last step uses ``lr / lr_cooldown_steps``) — the warmup-stable-decay schedule's cooldown
+    (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training beyond Fixed Training Durations").
+
+    A pure function of the step, so ``--resume`` continues the same schedule with no saved state;
+    ``--max-steps`` pauses a run without moving its cooldown. ``lr_cooldown_steps = 0``: constant.
+    """
+    lr, steps, cooldown = train_config["lr"], train_config["steps"], train_config["lr_cooldown_steps"]
+    return lr if cooldown <= 0 else lr * min(1.0, (steps - step) / cooldown)
 
 
 def load_training_clouds(collections: list[str | os.PathLike], category: str, num_points: int,
@@ -196,6 +213,9 @@ def train(config: dict[str, Any], category: str, collections: list[str | os.Path
         accelerator.backward(loss)
         if tc["grad_clip"]:
             accelerator.clip_grad_norm_(model.parameters(), tc["grad_clip"])
+        lr = learning_rate(tc, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.step(unwrapped.parameters())
@@ -205,7 +225,7 @@ def train(config: dict[str, Any], category: str, collections: list[str | os.Path
         bar.set_postfix(loss=f"{last_loss:.4f}")
         if accelerator.is_main_process and (step % tc["log_every"] == 0 or step == total):
             with open(out / "log.jsonl", "a") as fh:
-                fh.write(json.dumps({"step": step, "loss": last_loss, "lr": tc["lr"],
+                fh.write(json.dumps({"step": step, "loss": last_loss, "lr": lr,
                                      "seconds": round(wall + time.perf_counter() - t0, 2)}) + "\n")
         if step % tc["checkpoint_every"] == 0 or step == total:
             info = _checkpoint(accelerator, out, step, wall + time.perf_counter() - t0, ema, unwrapped, scheduler,

@@ -88,7 +88,8 @@ def test_killed_training_resumes_with_the_same_loss_curve(tmp_path, mug_data):
 
 
 def test_resume_skips_a_half_written_checkpoint_and_a_torn_log_line(tmp_path, mug_data):
-    config = tiny_config(tmp_path, steps=10, checkpoint_every=5, log_every=1)
+    # with a learning-rate cooldown over the last 6 steps: the pause at step 5 falls inside it
+    config = tiny_config(tmp_path, steps=10, checkpoint_every=5, log_every=1, lr=1e-3, lr_cooldown_steps=6)
     ref = tmp_path / "ref"
     train(load_config(config), "mug", [mug_data], ref, progress=False)
     run = tmp_path / "run"
@@ -103,6 +104,13 @@ def test_resume_skips_a_half_written_checkpoint_and_a_torn_log_line(tmp_path, mu
     resumed, reference = read_log(run), read_log(ref)
     assert [s for s, _ in resumed] == list(range(1, 11))
     np.testing.assert_allclose([l for _, l in resumed], [l for _, l in reference], rtol=1e-5)
+    lrs = [json.loads(line)["lr"] for line in (run / "log.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(lrs, 1e-3 * np.array([1, 1, 1, 1, 6, 5, 4, 3, 2, 1]) / np.array([1, 1, 1, 1, 6, 6, 6, 6, 6, 6]))
+
+
+def test_lr_cooldown_longer_than_the_run_is_a_config_error(tmp_path):
+    with pytest.raises(ValueError, match="lr_cooldown_steps"):
+        load_config(tiny_config(tmp_path, steps=10, lr_cooldown_steps=11))
 
 
 @pytest.fixture(scope="module")
