@@ -3,9 +3,11 @@
     python benchmarks/bench_sampling.py [--category chair] [--checkpoint DIR] [-n 32] [--grid 128]
         [--runs ddpm:1000,dpm:25,sde-dpm:25]
 
-For DDPM-1000, DDIM-50/25, DPM-Solver++-25/50 and SDE-DPM-Solver++-25/50 (or the --runs given) on
+For DDPM-1000, DDIM-50, DPM-Solver++-25/50 and SDE-DPM-Solver++-25/35/50 (``sde-dpm``: steps uniform
+in log-SNR; ``sde-dpm:50`` is ``gen3d sample``'s default) (or the --runs given) on
 the same checkpoint and the same initial noise (shape i of seed 0), prints shapes per second and 1-NNA-CD against n held-out procedural shapes
-(seed 1), then the seconds per shape of the surface step (DPSR + marching cubes) at --grid.
+(seed 1), then the seconds per shape of the surface step (DPSR + marching cubes) at --grid, on the
+default sampler's shapes (the first run's if it was not run).
 Goal (issue): DPM-Solver-25 >= 20x faster than DDPM-1000 with 1-NNA-CD within 2 points.
 With small n (CPU), 1-NNA has a standard error of several points (the "+-" column: the binomial
 standard error sqrt(p (1 - p) / 2n) of a 2n-cloud leave-one-out accuracy); read differences accordingly.
@@ -20,9 +22,9 @@ import torch
 
 from eval.generation import mmd_cov_1nna, normalize_clouds
 from gen3d.procedural import generate
-from gen3d.sample import load_generator, make_scheduler, resolve_checkpoint, sample_clouds
+from gen3d.sample import DEFAULT_SCHEDULER, DEFAULT_STEPS, load_generator, make_scheduler, resolve_checkpoint, sample_clouds
 
-RUNS = "ddpm:1000,ddim:50,ddim:25,dpm:25,dpm:50,sde-dpm:25,sde-dpm:50"
+RUNS = "ddpm:1000,ddim:50,dpm:25,dpm:50,sde-dpm:25,sde-dpm:35,sde-dpm:50"
 
 
 def parse_runs(text: str) -> list[tuple[str, int, dict]]:
@@ -96,7 +98,7 @@ def main() -> None:
 
     if args.grid == 0 or not clouds:
         return
-    source = ("ddim", 50) if ("ddim", 50) in clouds else next(iter(clouds))
+    source = (DEFAULT_SCHEDULER, DEFAULT_STEPS) if (DEFAULT_SCHEDULER, DEFAULT_STEPS) in clouds else next(iter(clouds))
     pts = clouds[source]
     t0 = time.perf_counter()
     watertight = 0

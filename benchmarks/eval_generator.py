@@ -3,7 +3,7 @@ normalised per shape) of N generated shapes against (a) N held-out procedural sh
 (seed 1; training used seed 0) and (b) the Labeled-PSB test meshes of the category (10 shapes).
 
     python benchmarks/eval_generator.py --category chair [--checkpoint runs/chair/model ...] [-n 100]
-        [--scheduler ddim --steps 50] [--json OUT.json]
+        [--scheduler sde-dpm --steps 50] [--json OUT.json]
 
 Several --checkpoint folders (e.g. snapshots of one run at increasing steps) give one row each, all
 against the same references and the same initial noise: the training curve in sample quality.
@@ -23,7 +23,7 @@ from pathlib import Path
 from eval.generation import evaluate_collections
 from gen3d.pool import PoolSettings, pool
 from gen3d.readers import default_data_root
-from gen3d.sample import generate_collection, resolve_checkpoint, training_info
+from gen3d.sample import DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, generate_collection, resolve_checkpoint, training_info
 
 # DiT-3D's released S/4 chair checkpoint, as its README (github.com/DiT-3D/DiT-3D) reports it on
 # ShapeNet chairs (PointFlow's PC15k protocol, 2048 points): 1-NNA-CD 56.31 %, COV-CD 47.21 %
@@ -38,8 +38,8 @@ def main() -> None:
                     help="model folder; repeat to compare several (e.g. snapshots of one training run); "
                          "default: the shipped checkpoint of the category")
     ap.add_argument("-n", type=int, default=100)
-    ap.add_argument("--scheduler", default="ddim")
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=SCHEDULERS)
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-root", type=Path, default=default_data_root())
     ap.add_argument("--json", type=Path, default=None)

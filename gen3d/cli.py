@@ -132,10 +132,12 @@ def train_cmd(category: str, data: tuple[str, ...], config_path: Path, out: Path
               help="Output collection [default: generated_<category>.h5]. An existing file is resumed: only missing shapes are generated.")
 @click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), default=None,
               help="A model folder from `gen3d train` (OUT/model or OUT) [default: the shipped checkpoint].")
-@click.option("--scheduler", type=click.Choice(["ddpm", "ddim", "dpm", "sde-dpm"]), default="ddim", show_default=True,
+@click.option("--scheduler", type=click.Choice(["ddpm", "ddim", "dpm", "sde-dpm"]), default="sde-dpm", show_default=True,
               help="ddpm: ancestral DDPM; ddim: DDIM (eta=0); dpm: DPM-Solver++(2M); sde-dpm: its stochastic "
-                   "SDE variant (better than dpm on the shipped checkpoints at 25-50 steps, see docs/generation.md).")
-@click.option("--steps", default=50, show_default=True, type=click.IntRange(1), help="Denoising steps (DDPM was trained with 1000).")
+                   "SDE variant with steps uniform in log-SNR (at 50 steps within 2.5 points of DDPM-1000's "
+                   "1-NNA-CD at ~20x its speed on the shipped checkpoints, see docs/generation.md).")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(1),
+              help="Denoising steps (DDPM was trained with 1000; ddpm wants all 1000).")
 @click.option("--seed", default=0, show_default=True, help="Shape i of seed s is always the same shape.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Shapes per batch (and per commit).")
 @click.option("--no-mesh", is_flag=True, help="Skip the surface step (points only).")
