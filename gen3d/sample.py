@@ -128,14 +128,12 @@ def make_scheduler(kind: str, model_dir: Path, **options):
         cls, ours = DDPMScheduler, {}
     elif kind == "ddim":
         cls, ours = DDIMScheduler, {"clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": False}
-    elif kind == "dpm":
-        cls, ours = DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                  "thresholding": True, "sample_max_value": 1.0}
-    elif kind == "sde-dpm":
-        # Steps uniform in log-SNR (Lu et al. 2022's own spacing): on the shipped checkpoints it took
-        # SDE-DPM-Solver++-25's 1-NNA-CD from 94.5 to 81.2 (chair), see docs/generation.md.
-        cls, ours = DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2,
-                                                  "thresholding": True, "sample_max_value": 1.0, "use_lu_lambdas": True}
+    elif kind in ("dpm", "sde-dpm"):
+        # sde-dpm steps uniformly in log-SNR (Lu et al. 2022's own spacing): on the shipped checkpoints
+        # it took SDE-DPM-Solver++-25's 1-NNA-CD from 94.5 to 81.2 (chair), see docs/generation.md.
+        cls, ours = DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++" if kind == "dpm" else "sde-dpmsolver++",
+                                                  "solver_order": 2, "thresholding": True, "sample_max_value": 1.0,
+                                                  "use_lu_lambdas": kind == "sde-dpm"}
     else:
         raise ValueError(f"unknown scheduler {kind!r}; choose one of {SCHEDULERS}")
     sched = cls.from_config(config, **{**ours, **options})
