@@ -137,7 +137,7 @@ def train_cmd(category: str, data: tuple[str, ...], config_path: Path, out: Path
                    "SDE variant with steps uniform in log-SNR (at 50 steps within 2.5 points of DDPM-1000's "
                    "1-NNA-CD at ~20x its speed on the shipped checkpoints, see docs/generation.md).")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1),
-              help="Denoising steps (DDPM was trained with 1000; ddpm wants all 1000).")
+              help="Denoising steps (DDPM was trained with 1000; ancestral ddpm needs about 1000, at 100 it is much worse: docs/generation.md).")
 @click.option("--seed", default=0, show_default=True, help="Shape i of seed s is always the same shape.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Shapes per batch (and per commit).")
 @click.option("--no-mesh", is_flag=True, help="Skip the surface step (points only).")
