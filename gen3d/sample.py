@@ -18,9 +18,10 @@
   ``(s, i)``, and DDPM's per-step noise comes from the same generator, so a shape does not depend on
   which other shapes share its batch (up to float rounding of batched matrix products).
 * Output: a collection (``source="generated"``) written with :class:`gen3d.collection.CollectionWriter`
-  batch by batch; re-running on an interrupted output generates only the missing shapes. Every
-  shape's provenance records the checkpoint (path and SHA-256 of its weights), scheduler, steps,
-  seed and index. Meshes come from the surface step (:mod:`gen3d.surface`) unless disabled.
+  batch by batch; re-running on an interrupted output generates only the missing shapes, and
+  refuses to if the shapes already there came from another sampler (:func:`check_resume`). Every
+  shape's provenance records the checkpoint (path and SHA-256 of its weights), scheduler, its
+  settings (:func:`scheduler_settings`), steps, seed and index. Meshes come from the surface step (:mod:`gen3d.surface`) unless disabled.
 * Checkpoints: ``--checkpoint`` (a ``model/`` folder written by ``gen3d train``, or the run folder),
   else the checkpoint shipped for the category in ``gen3d/checkpoints/<category>/``.
 """
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from .collection import CollectionWriter
+from .collection import Collection, CollectionWriter
 from .dit3d import DiT3D
 from .parts import part_names
 from .records import ShapeRecord
@@ -108,6 +109,29 @@ def load_generator(model_dir: Path, device: str | torch.device = "cpu") -> DiT3D
     return model.to(device).eval()
 
 
+def scheduler_settings(kind: str) -> tuple[type, dict]:
+    """The diffusers scheduler class of ``kind`` and the settings we give it on top of the
+    training scheduler's config (recorded in every generated shape's provenance).
+
+    Raises:
+        ValueError: unknown kind.
+    """
+    # Training clouds lie in the unit sphere, so every scheduler clips the predicted clean cloud to
+    # [-1, 1] at each step (DDPM's default clip_sample). Without it, DPM-Solver++'s data prediction
+    # x0 = (x - sigma * eps) / alpha amplifies eps errors ~150x at t = 999 and diverges.
+    if kind == "ddpm":
+        return DDPMScheduler, {}
+    if kind == "ddim":
+        return DDIMScheduler, {"clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": False}
+    if kind in ("dpm", "sde-dpm"):
+        # sde-dpm steps uniformly in log-SNR (Lu et al. 2022's own spacing): on the shipped checkpoints
+        # it took SDE-DPM-Solver++-25's 1-NNA-CD from 94.5 to 81.2 (chair), see docs/generation.md.
+        return DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++" if kind == "dpm" else "sde-dpmsolver++",
+                                             "solver_order": 2, "thresholding": True, "sample_max_value": 1.0,
+                                             "use_lu_lambdas": kind == "sde-dpm"}
+    raise ValueError(f"unknown scheduler {kind!r}; choose one of {SCHEDULERS}")
+
+
 def make_scheduler(kind: str, model_dir: Path, **options):
     """A fresh diffusers scheduler of ``kind`` from the training scheduler's config.
 
@@ -121,21 +145,7 @@ def make_scheduler(kind: str, model_dir: Path, **options):
         ValueError: unknown kind, or an option the diffusers scheduler does not have.
     """
     config = DDPMScheduler.load_config(str(model_dir))
-    # Training clouds lie in the unit sphere, so every scheduler clips the predicted clean cloud to
-    # [-1, 1] at each step (DDPM's default clip_sample). Without it, DPM-Solver++'s data prediction
-    # x0 = (x - sigma * eps) / alpha amplifies eps errors ~150x at t = 999 and diverges.
-    if kind == "ddpm":
-        cls, ours = DDPMScheduler, {}
-    elif kind == "ddim":
-        cls, ours = DDIMScheduler, {"clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": False}
-    elif kind in ("dpm", "sde-dpm"):
-        # sde-dpm steps uniformly in log-SNR (Lu et al. 2022's own spacing): on the shipped checkpoints
-        # it took SDE-DPM-Solver++-25's 1-NNA-CD from 94.5 to 81.2 (chair), see docs/generation.md.
-        cls, ours = DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++" if kind == "dpm" else "sde-dpmsolver++",
-                                                  "solver_order": 2, "thresholding": True, "sample_max_value": 1.0,
-                                                  "use_lu_lambdas": kind == "sde-dpm"}
-    else:
-        raise ValueError(f"unknown scheduler {kind!r}; choose one of {SCHEDULERS}")
+    cls, ours = scheduler_settings(kind)
     sched = cls.from_config(config, **{**ours, **options})
     unknown = sorted(set(options) - set(sched.config))
     if unknown:
@@ -213,6 +223,9 @@ def generate_collection(category: str, n: int, out: str | os.PathLike, checkpoin
         from . import surface
 
     ids = [f"{category}-gen-s{seed}-{i:06d}" for i in range(n)]
+    sampler = {"checkpoint_sha256": digest, "scheduler": scheduler, "steps": steps,
+               "scheduler_settings": scheduler_settings(scheduler)[1]}
+    check_resume(out, ids, sampler)
     timing = {"seconds_sampling": 0.0, "seconds_mesh": 0.0}
     with CollectionWriter(out, num_points, commit_every=batch_size) as writer:
         todo = [i for i in range(n) if not writer.has(("generated", "gen3d", ids[i]))]
@@ -228,8 +241,7 @@ def generate_collection(category: str, n: int, out: str | os.PathLike, checkpoin
                 record = ShapeRecord(
                     shape_id=ids[i], category=category, source="generated", split=split, points=pts,
                     part_names=names, provenance={
-                        "dataset": "gen3d", "checkpoint": str(model_dir), "checkpoint_sha256": digest,
-                        "scheduler": scheduler, "steps": steps, "seed": seed, "index": i})
+                        "dataset": "gen3d", "checkpoint": str(model_dir), **sampler, "seed": seed, "index": i})
                 if mesh:
                     t0 = time.perf_counter()
                     res = surface.reconstruct(pts, method="dpsr", grid=grid)
@@ -242,6 +254,39 @@ def generate_collection(category: str, n: int, out: str | os.PathLike, checkpoin
             writer.commit()
         bar.close()
     return {"generated": len(todo), "skipped": n - len(todo), "checkpoint": str(model_dir), **timing}
+
+
+def check_resume(out: str | os.PathLike, ids: list[str], sampler: dict) -> None:
+    """Refuse to continue a collection whose generated shapes ``ids`` came from another sampler.
+
+    Resuming skips the shapes already in ``out`` by id (category, seed, index), so a re-run with
+    another checkpoint, scheduler, step count or scheduler definition would silently mix two
+    generators in one collection.
+
+    Args:
+        out: the collection being continued (nothing is checked if it does not exist yet).
+        ids: the shape ids this run generates.
+        sampler: the provenance fields that define the sampler (``checkpoint_sha256``, ``scheduler``,
+            ``steps``, ``scheduler_settings``).
+
+    Raises:
+        ValueError: a shape of ``ids`` in ``out`` records different sampler fields (named in the message).
+    """
+    out = Path(out)
+    if not out.exists():
+        return
+    wanted = set(ids)
+    with Collection(out) as c:
+        for index in np.flatnonzero(c.sources == "generated"):
+            if str(c.shape_ids[index]) not in wanted:
+                continue
+            prov = c.provenance(int(index))
+            differ = {k: (prov.get(k), v) for k, v in sampler.items() if prov.get(k) != v}
+            if differ:
+                said = "; ".join(f"{k}: stored {old!r}, asked {new!r}" for k, (old, new) in differ.items())
+                raise ValueError(f"{out}: shape {c.shape_ids[index]} was generated by another sampler ({said}). "
+                                 "Resuming would mix two generators in one collection: give a new --out, "
+                                 "or the same checkpoint, --scheduler and --steps as before.")
 
 
 def _has_parts(category: str) -> bool:

@@ -14,7 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from gen3d.cli import main
-from gen3d.collection import Collection
+from gen3d.collection import Collection, append_records
 from gen3d.pool import PoolSettings, pool
 from gen3d.runs import latest_checkpoint
 from gen3d.sample import CheckpointNotFoundError, generate_collection, resolve_checkpoint
@@ -274,3 +274,29 @@ def test_sde_dpm_steps_are_uniform_in_log_snr(tiny_model):
     assert (steps > 0).all() and np.ptp(steps[:-3]) < 0.2 * steps[:-3].mean()  # 0.09 here; uniform t: 0.68
     t_dpm, lam_dpm = lambdas("dpm")
     assert np.ptp(np.diff(t_dpm)) <= 1 and np.ptp(np.diff(lam_dpm)) > 0.5 * np.diff(lam_dpm).mean()
+
+
+def test_resuming_with_another_sampler_is_refused(tmp_path, tiny_model):
+    out = tmp_path / "g.h5"
+    generate_collection("mug", 2, out, tiny_model, "sde-dpm", 3, batch_size=2, mesh=False, progress=False)
+    with Collection(out) as c:
+        assert c.provenance(0)["scheduler_settings"]["use_lu_lambdas"] is True
+    for scheduler, steps in [("sde-dpm", 4), ("dpm", 3)]:
+        with pytest.raises(ValueError, match="another sampler") as err:
+            generate_collection("mug", 3, out, tiny_model, scheduler, steps, batch_size=2, mesh=False, progress=False)
+        assert str(out) in str(err.value)
+    # a shape written when the sampler's definition was different (here: another spacing) is refused too
+    with Collection(out) as c:
+        record = c.record(0)
+    record.shape_id = "mug-gen-s0-000002"
+    record.provenance["scheduler_settings"]["use_lu_lambdas"] = False
+    append_records(out, [record])
+    with pytest.raises(ValueError, match="scheduler_settings"):
+        generate_collection("mug", 4, out, tiny_model, "sde-dpm", 3, batch_size=2, mesh=False, progress=False)
+    with Collection(out) as c:
+        assert len(c) == 3, "a refused resume writes nothing"
+    # another seed has other ids, so it may share the file
+    res = CliRunner().invoke(main, ["sample", "--category", "mug", "-n", "3", "--checkpoint", str(tiny_model),
+                                    "--scheduler", "ddim", "--steps", "3", "--out", str(out), "--no-mesh"])
+    assert res.exit_code != 0 and "another sampler" in res.output and "Traceback" not in res.output
+    assert generate_collection("mug", 1, out, tiny_model, "ddim", 3, seed=1, mesh=False, progress=False)["generated"] == 1
