@@ -139,15 +139,18 @@ def generator_provenance(path: str | os.PathLike) -> dict[str, Any]:
     """Which generator made the generated shapes of a collection, from their provenance.
 
     Returns:
-        ``{"checkpoint_sha256": [...], "checkpoint_steps": [...]}``: the distinct weight hashes
-        (:func:`gen3d.sample.checkpoint_hash`) in order of first use, and the training steps in each
-        checkpoint's ``training.json`` where the recorded folder still holds those same weights
-        (None otherwise, e.g. after a shipped checkpoint was replaced).
+        ``{"checkpoint_sha256": [...], "checkpoint_steps": [...], "samplers": [...]}``: the distinct
+        weight hashes (:func:`gen3d.sample.checkpoint_hash`) in order of first use, the training steps
+        in each checkpoint's ``training.json`` where the recorded folder still holds those same weights
+        (None otherwise, e.g. after a shipped checkpoint was replaced), and the distinct samplers as
+        ``"<scheduler>-<steps>"`` (what made the shapes, even if the config changed since a cached
+        ``generate`` stage).
     """
     from gen3d.collection import Collection
     from gen3d.sample import checkpoint_hash, training_info
 
     digests: dict[str, int | None] = {}
+    samplers: dict[str, None] = {}
     with Collection(path) as col:
         for i in col.select(source="generated"):
             prov = col.provenance(int(i))
@@ -156,7 +159,9 @@ def generator_provenance(path: str | os.PathLike) -> dict[str, Any]:
                 folder = Path(prov.get("checkpoint", ""))
                 same = (folder / "training.json").is_file() and checkpoint_hash(folder) == digest
                 digests[digest] = training_info(folder).get("steps") if same else None
-    return {"checkpoint_sha256": list(digests), "checkpoint_steps": list(digests.values())}
+            if prov.get("scheduler"):
+                samplers[f"{prov['scheduler']}-{prov.get('steps')}"] = None
+    return {"checkpoint_sha256": list(digests), "checkpoint_steps": list(digests.values()), "samplers": list(samplers)}
 
 
 def _json(o):
@@ -329,7 +334,7 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
     from distill.teacher_fit import fit_teacher
     from distill.trainer import build_model, load_config, train_distill
     from gen3d.pool import PoolSettings, pool
-    from gen3d.sample import generate_collection
+    from gen3d.sample import DEFAULT_SCHEDULER, DEFAULT_STEPS, generate_collection
 
     from .sheet import comparison_sheet
 
@@ -342,8 +347,8 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
     g = cfg["generate"]
 
     def gen():
-        generate_collection(cat, g["n"], out / "generated.h5", g.get("checkpoint"), g.get("scheduler", "ddim"),
-                            g.get("steps", 50), seed=g.get("seed", 0), mesh=True, progress=False)
+        generate_collection(cat, g["n"], out / "generated.h5", g.get("checkpoint"), g.get("scheduler", DEFAULT_SCHEDULER),
+                            g.get("steps", DEFAULT_STEPS), seed=g.get("seed", 0), mesh=True, progress=False)
         return {"n": g["n"]}
 
     st.run("generate", gen)

@@ -53,6 +53,15 @@ def _generator(generate: dict[str, Any]) -> str:
     return "; ".join([name, *made])
 
 
+def _sampler(generate: dict[str, Any]) -> str:
+    """The sampler(s) that made the generated shapes, "<scheduler>-<steps>": from their provenance
+    when recorded, else from the experiment config (results written before 2026-11-22, whose
+    configs all said ddim when no scheduler was given)."""
+    if generate.get("samplers"):
+        return ", ".join(generate["samplers"])
+    return f"{generate.get('scheduler', 'ddim')}-{generate.get('steps', 50)}"
+
+
 def section(summary: dict[str, Any]) -> str:
     """The Markdown section of one experiment's ``results.json``."""
     name, cat = summary["name"], summary["category"]
@@ -64,8 +73,7 @@ def section(summary: dict[str, Any]) -> str:
              f"hardware: {hw['cores']} CPU cores{', GPU ' + hw['gpu'] if hw.get('gpu') else ', no GPU'}, torch {hw['torch']}; "
              f"total stage time {summary['wall_seconds'] / 60:.1f} min.",
              f"Data: {summary['generate']['n']} generated {cat}s ({_generator(summary['generate'])}, "
-             f"{summary['generate'].get('scheduler', 'ddim')}-"
-             f"{summary['generate'].get('steps', 50)}), Labeled-PSB {cat}s "
+             f"{_sampler(summary['generate'])}), Labeled-PSB {cat}s "
              f"({summary['counts']['real_train']} train, {summary['counts']['test']} test). "
              f"Distillation: {summary['distill']['epochs']} epochs, seeds per row in the `seeds` column (a single seed "
              f"where three did not fit the CPU time), student config "

@@ -217,7 +217,9 @@ def test_generator_provenance_drops_steps_when_the_checkpoint_folder_changed(tmp
     generate_collection("airplane", 2, tmp_path / "gen.h5", ckpt, "ddim", 2, seed=0, mesh=False, progress=False)
     digest = checkpoint_hash(ckpt)
     steps = json.loads((ckpt / "training.json").read_text())["steps"]
-    assert generator_provenance(tmp_path / "gen.h5") == {"checkpoint_sha256": [digest], "checkpoint_steps": [steps]}
+    assert generator_provenance(tmp_path / "gen.h5") == {"checkpoint_sha256": [digest], "checkpoint_steps": [steps],
+                                                         "samplers": ["ddim-2"]}
     weights = next(ckpt.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes() + b" ")   # the folder now holds other weights
-    assert generator_provenance(tmp_path / "gen.h5") == {"checkpoint_sha256": [digest], "checkpoint_steps": [None]}
+    assert generator_provenance(tmp_path / "gen.h5") == {"checkpoint_sha256": [digest], "checkpoint_steps": [None],
+                                                         "samplers": ["ddim-2"]}
