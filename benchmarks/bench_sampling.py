@@ -22,7 +22,7 @@ import torch
 
 from eval.generation import mmd_cov_1nna, normalize_clouds
 from gen3d.procedural import generate
-from gen3d.sample import DEFAULT_SCHEDULER, DEFAULT_STEPS, load_generator, make_scheduler, resolve_checkpoint, sample_clouds
+from gen3d.sample import DEFAULT_SCHEDULER, DEFAULT_STEPS, load_generator, resolve_checkpoint, sample_clouds, sampling_scheduler
 
 RUNS = "ddpm:1000,ddim:50,dpm:25,dpm:50,sde-dpm:25,sde-dpm:35,sde-dpm:50"
 
@@ -31,8 +31,8 @@ def parse_runs(text: str) -> list[tuple[str, int, dict]]:
     """``"ddpm:1000,dpm:25:use_karras_sigmas=true"`` ->
     ``[("ddpm", 1000, {}), ("dpm", 25, {"use_karras_sigmas": True})]``.
 
-    Items are ``SCHEDULER:STEPS[:KEY=VALUE...]``; KEY=VALUE pairs are diffusers scheduler settings
-    passed to :func:`gen3d.sample.make_scheduler` (values read as YAML scalars).
+    Items are ``SCHEDULER:STEPS[:KEY=VALUE...]``; KEY=VALUE pairs are diffusers scheduler settings or
+    ``log_snr_power`` passed to :func:`gen3d.sample.sampling_scheduler` (values read as YAML scalars).
 
     Raises:
         argparse.ArgumentTypeError: an item that is not of that form or names an unknown scheduler.
@@ -60,13 +60,13 @@ def main() -> None:
     ap.add_argument("--grid", type=int, default=128, help="grid of the surface step; 0 skips it")
     ap.add_argument("--runs", type=parse_runs, default=parse_runs(RUNS),
                     help=f"comma-separated SCHEDULER:STEPS[:KEY=VALUE...] to compare, KEY=VALUE being diffusers "
-                         f"scheduler settings, e.g. dpm:25:use_karras_sigmas=true; leave out ddpm:1000 to skip the slow "
+                         f"scheduler settings, e.g. dpm:25:use_karras_sigmas=true, or log_snr_power=P (gen3d.sample.log_snr_timesteps), e.g. sde-dpm:25:log_snr_power=0.65; leave out ddpm:1000 to skip the slow "
                          f"baseline [default: {RUNS}]")
     args = ap.parse_args()
     model_dir = resolve_checkpoint(args.category, args.checkpoint)
-    for kind, _, options in args.runs:   # unknown diffusers settings fail here, before any sampling
+    for kind, steps, options in args.runs:   # unknown settings fail here, before any sampling
         try:
-            make_scheduler(kind, model_dir, **options)
+            sampling_scheduler(kind, model_dir, steps, **options)
         except ValueError as e:
             ap.error(f"--runs: {e}")
     model = load_generator(model_dir, "cuda" if torch.cuda.is_available() else "cpu")

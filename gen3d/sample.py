@@ -153,6 +153,68 @@ def make_scheduler(kind: str, model_dir: Path, **options):
     return sched
 
 
+def log_snr_timesteps(alphas_cumprod: torch.Tensor, steps: int, power: float = 1.0) -> list[int]:
+    """Training timesteps for ``steps`` solver steps spaced by a power of the log-SNR.
+
+    The log-SNR lambda(t) = log(alpha_t / sigma_t) of step k runs from lambda(T - 1) (most noise) to
+    lambda(0) as ``lambda_min + (lambda_max - lambda_min) * u_k ** power`` with u_k = k / steps,
+    k = 0 .. steps - 1, and the solver's last step goes on to sigma = 0. ``power = 1`` is Lu et al.
+    (2022)'s uniform log-SNR spacing (diffusers' ``use_lu_lambdas`` spaces ``steps`` lambdas up to and
+    including lambda(0), so its last network evaluation is at t = 0; this one spends it higher up);
+    ``power < 1`` takes larger steps at high noise and smaller ones near the data. Each lambda is rounded to the nearest integer t; where rounding makes two
+    steps collide (near t = 0, where lambda changes fastest) the earlier one moves up by one (and
+    none above T - 1 - k), so there are exactly ``steps`` distinct timesteps.
+
+    Args:
+        alphas_cumprod: ``float [T]`` cumulative alphas of the training scheduler.
+        steps: number of solver steps, 1 .. T.
+        power: exponent of the spacing, > 0.
+
+    Returns:
+        ``steps`` strictly decreasing ints in [0, T - 1], the first T - 1.
+
+    Raises:
+        ValueError: ``steps`` outside 1 .. T or ``power`` <= 0.
+    """
+    a = alphas_cumprod.double().cpu().numpy()
+    if not 1 <= steps <= len(a):
+        raise ValueError(f"steps must be in 1..{len(a)}, got {steps}")
+    if not power > 0:
+        raise ValueError(f"log_snr_power must be > 0, got {power}")
+    lam = 0.5 * np.log(a / (1 - a))   # decreasing in t
+    target = lam[-1] + (lam[0] - lam[-1]) * (np.arange(steps) / steps) ** power
+    ts = np.searchsorted(-lam, -target)   # first t with lambda(t) <= target ...
+    ts = np.clip(ts, 1, len(a) - 1)
+    ts = np.where(np.abs(lam[ts - 1] - target) < np.abs(lam[ts] - target), ts - 1, ts)   # ... or the one before
+    for k in range(steps - 2, -1, -1):
+        ts[k] = max(ts[k], ts[k + 1] + 1)
+    ts = np.minimum(ts, len(a) - 1 - np.arange(steps))   # still strictly decreasing, now within [0, T - 1]
+    return [int(t) for t in ts]
+
+
+def sampling_scheduler(kind: str, model_dir: Path, steps: int, **options):
+    """:func:`make_scheduler` with its timesteps set for ``steps`` steps.
+
+    ``options`` are diffusers settings, plus ours: ``log_snr_power=P`` (``dpm`` / ``sde-dpm`` only)
+    spaces the steps with :func:`log_snr_timesteps` (instead of ``use_lu_lambdas``), for experiments.
+
+    Raises:
+        ValueError: as :func:`make_scheduler`; ``log_snr_power`` with another kind, or out of range.
+    """
+    options = dict(options)
+    power = options.pop("log_snr_power", None)
+    if power is not None:
+        if kind not in ("dpm", "sde-dpm"):
+            raise ValueError(f"log_snr_power applies to dpm and sde-dpm, not {kind!r}")
+        options["use_lu_lambdas"] = False
+    sched = make_scheduler(kind, model_dir, **options)
+    if power is None:
+        sched.set_timesteps(steps)
+    else:
+        sched.set_timesteps(timesteps=log_snr_timesteps(sched.alphas_cumprod, steps, float(power)))
+    return sched
+
+
 def shape_generator(seed: int, index: int) -> torch.Generator:
     """The generator of shape ``index`` of seed ``seed``."""
     g = torch.Generator()
@@ -166,14 +228,14 @@ def sample_clouds(model: DiT3D, model_dir: Path, indices: list[int], num_points:
                   scheduler_options: dict | None = None) -> np.ndarray:
     """Generate the shapes ``indices`` of seed ``seed`` as one batch.
 
-    ``scheduler_options`` are passed to :func:`make_scheduler` (diffusers settings, experiments only).
+    ``scheduler_options`` are passed to :func:`sampling_scheduler` (diffusers settings and
+    ``log_snr_power``; experiments only).
 
     Returns:
         ``float32 [len(indices), num_points, 3]`` point clouds (the generator's unit-sphere scale).
     """
     device = next(model.parameters()).device
-    sched = make_scheduler(scheduler, model_dir, **(scheduler_options or {}))
-    sched.set_timesteps(steps)
+    sched = sampling_scheduler(scheduler, model_dir, steps, **(scheduler_options or {}))
     gens = [shape_generator(seed, i) for i in indices]
     x = torch.stack([torch.randn(num_points, 3, generator=g) for g in gens]).to(device) * sched.init_noise_sigma
     for t in sched.timesteps:

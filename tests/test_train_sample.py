@@ -17,7 +17,7 @@ from gen3d.cli import main
 from gen3d.collection import Collection, append_records
 from gen3d.pool import PoolSettings, pool
 from gen3d.runs import latest_checkpoint
-from gen3d.sample import CheckpointNotFoundError, generate_collection, resolve_checkpoint
+from gen3d.sample import CheckpointNotFoundError, generate_collection, load_generator, resolve_checkpoint
 from gen3d.train import load_config, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -274,6 +274,46 @@ def test_sde_dpm_steps_are_uniform_in_log_snr(tiny_model):
     assert (steps > 0).all() and np.ptp(steps[:-3]) < 0.2 * steps[:-3].mean()  # 0.09 here; uniform t: 0.68
     t_dpm, lam_dpm = lambdas("dpm")
     assert np.ptp(np.diff(t_dpm)) <= 1 and np.ptp(np.diff(lam_dpm)) > 0.5 * np.diff(lam_dpm).mean()
+
+
+def test_log_snr_power_spacing(tiny_model):
+    """log_snr_timesteps: power 1 is uniform in log-SNR; power < 1 moves steps towards the
+    data; always exactly `steps` distinct decreasing timesteps from T - 1; sampling_scheduler uses them."""
+    import torch
+
+    from gen3d.sample import log_snr_timesteps, make_scheduler, sample_clouds, sampling_scheduler
+
+    a = make_scheduler("sde-dpm", tiny_model).alphas_cumprod
+
+    def lam(ts):
+        x = a[torch.tensor(ts)].double()
+        return (0.5 * torch.log(x / (1 - x))).numpy()
+
+    even = np.diff(lam(log_snr_timesteps(a, 25, 1.0)))   # rounding to integer t aside, uniform in lambda
+    assert (even > 0).all() and np.ptp(even[:-3]) < 0.1 * even[:-3].mean()
+    assert abs(even[:-3].mean() - (lam([0]) - lam([999]))[0] / 25) < 0.02
+
+    for steps in (1, 25, 200, 1000):
+        for power in (0.3, 0.65, 1.0, 2.0):
+            ts = log_snr_timesteps(a, steps, power)
+            assert len(ts) == steps and ts[0] == 999 and min(ts) >= 0 and (np.diff(ts) < 0).all()
+    flat, warped = np.diff(lam(log_snr_timesteps(a, 25, 1.0))), np.diff(lam(log_snr_timesteps(a, 25, 0.65)))
+    assert warped[0] > 1.5 * flat[0] and warped[15] < flat[15]   # bigger steps at high noise, smaller later
+    assert lam(log_snr_timesteps(a, 25, 0.65))[12] > lam(log_snr_timesteps(a, 25, 1.0))[12]
+    with pytest.raises(ValueError, match="steps"):
+        log_snr_timesteps(a, 1001)
+    with pytest.raises(ValueError, match="power"):
+        log_snr_timesteps(a, 10, 0.0)
+
+    sched = sampling_scheduler("sde-dpm", tiny_model, 10, log_snr_power=0.65)
+    assert sched.timesteps.tolist() == log_snr_timesteps(a, 10, 0.65) and sched.config.use_lu_lambdas is False
+    with pytest.raises(ValueError, match="log_snr_power"):
+        sampling_scheduler("ddim", tiny_model, 10, log_snr_power=0.65)
+    with pytest.raises(ValueError, match="no setting"):
+        sampling_scheduler("dpm", tiny_model, 10, karras=True)
+    pts = sample_clouds(load_generator(tiny_model, "cpu"), tiny_model, [0, 1], 256, "sde-dpm", 4,
+                        scheduler_options={"log_snr_power": 0.65})
+    assert pts.shape == (2, 256, 3) and np.isfinite(pts).all()
 
 
 def test_resuming_with_another_sampler_is_refused(tmp_path, tiny_model):
