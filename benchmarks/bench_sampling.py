@@ -4,7 +4,8 @@
         [--runs ddpm:1000,dpm:25,sde-dpm:25]
 
 For DDPM-1000, DDIM-50, DPM-Solver++-25/50 and SDE-DPM-Solver++-25/35/50 (``sde-dpm``: steps uniform
-in log-SNR; ``sde-dpm:50`` is ``gen3d sample``'s default) (or the --runs given) on
+in log-SNR; ``sde-dpm:50`` is ``gen3d sample``'s default; at 25 steps also with ``log_snr_power=0.65``,
+the best 25-step spacing measured, docs/generation.md) (or the --runs given) on
 the same checkpoint and the same initial noise (shape i of seed 0), prints shapes per second and 1-NNA-CD against n held-out procedural shapes
 (seed 1), then the seconds per shape of the surface step (DPSR + marching cubes) at --grid, on the
 default sampler's shapes (the first run's if it was not run).
@@ -24,7 +25,7 @@ from eval.generation import mmd_cov_1nna, normalize_clouds
 from gen3d.procedural import generate
 from gen3d.sample import DEFAULT_SCHEDULER, DEFAULT_STEPS, load_generator, resolve_checkpoint, sample_clouds, sampling_scheduler
 
-RUNS = "ddpm:1000,ddim:50,dpm:25,dpm:50,sde-dpm:25,sde-dpm:35,sde-dpm:50"
+RUNS = "ddpm:1000,ddim:50,dpm:25,dpm:50,sde-dpm:25,sde-dpm:25:log_snr_power=0.65,sde-dpm:35,sde-dpm:50"
 
 
 def parse_runs(text: str) -> list[tuple[str, int, dict]]:
