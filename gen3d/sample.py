@@ -21,7 +21,8 @@
   batch by batch; re-running on an interrupted output generates only the missing shapes, and
   refuses to if the shapes already there came from another sampler (:func:`check_resume`). Every
   shape's provenance records the checkpoint (path and SHA-256 of its weights), scheduler, its
-  settings (:func:`scheduler_settings`), steps, seed and index. Meshes come from the surface step (:mod:`gen3d.surface`) unless disabled.
+  settings (:func:`scheduler_settings`), steps, seed and index. Meshes come from the surface step
+  (:mod:`gen3d.surface`) unless disabled.
 * Checkpoints: ``--checkpoint`` (a ``model/`` folder written by ``gen3d train``, or the run folder),
   else the checkpoint shipped for the category in ``gen3d/checkpoints/<category>/``.
 """
@@ -161,9 +162,10 @@ def log_snr_timesteps(alphas_cumprod: torch.Tensor, steps: int, power: float = 1
     k = 0 .. steps - 1, and the solver's last step goes on to sigma = 0. ``power = 1`` is Lu et al.
     (2022)'s uniform log-SNR spacing (diffusers' ``use_lu_lambdas`` spaces ``steps`` lambdas up to and
     including lambda(0), so its last network evaluation is at t = 0; this one spends it higher up);
-    ``power < 1`` takes larger steps at high noise and smaller ones near the data. Each lambda is rounded to the nearest integer t; where rounding makes two
-    steps collide (near t = 0, where lambda changes fastest) the earlier one moves up by one (and
-    none above T - 1 - k), so there are exactly ``steps`` distinct timesteps.
+    ``power < 1`` takes larger steps at high noise and smaller ones near the data. Each lambda is
+    rounded to the nearest integer t; where rounding makes two steps collide (near t = 0, where
+    lambda changes fastest) the earlier one moves up by one (and none above T - 1 - k), so there are
+    exactly ``steps`` distinct timesteps.
 
     Args:
         alphas_cumprod: ``float [T]`` cumulative alphas of the training scheduler.
@@ -183,9 +185,7 @@ def log_snr_timesteps(alphas_cumprod: torch.Tensor, steps: int, power: float = 1
         raise ValueError(f"log_snr_power must be > 0, got {power}")
     lam = 0.5 * np.log(a / (1 - a))   # decreasing in t
     target = lam[-1] + (lam[0] - lam[-1]) * (np.arange(steps) / steps) ** power
-    ts = np.searchsorted(-lam, -target)   # first t with lambda(t) <= target ...
-    ts = np.clip(ts, 1, len(a) - 1)
-    ts = np.where(np.abs(lam[ts - 1] - target) < np.abs(lam[ts] - target), ts - 1, ts)   # ... or the one before
+    ts = np.abs(lam[None, :] - target[:, None]).argmin(axis=1)   # the nearest integer t
     for k in range(steps - 2, -1, -1):
         ts[k] = max(ts[k], ts[k + 1] + 1)
     ts = np.minimum(ts, len(a) - 1 - np.arange(steps))   # still strictly decreasing, now within [0, T - 1]
