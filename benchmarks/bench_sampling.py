@@ -4,10 +4,10 @@
         [--runs ddpm:1000,dpm:25,sde-dpm:25]
 
 For DDPM-1000, DDIM-50, DPM-Solver++-25/50 and SDE-DPM-Solver++-25/35/50 (``sde-dpm``: steps uniform
-in log-SNR; ``sde-dpm:50`` is ``gen3d sample``'s default; at 25 steps also with ``log_snr_power=0.65``,
-the best 25-step spacing measured, docs/generation.md) (or the --runs given) on
-the same checkpoint and the same initial noise (shape i of seed 0), prints shapes per second and 1-NNA-CD against n held-out procedural shapes
-(seed 1), then the seconds per shape of the surface step (DPSR + marching cubes) at --grid, on the
+in log-SNR; ``sde-dpm:50`` is ``gen3d sample``'s default; at 25 steps also started at t = 800,
+``first_timestep=800``, the best 25-step spacing measured, docs/generation.md) (or the --runs given)
+on the same checkpoint and the same initial noise (shape i of seed 0), prints shapes per second and
+1-NNA-CD against n held-out procedural shapes (seed 1), then the seconds per shape of the surface step (DPSR + marching cubes) at --grid, on the
 default sampler's shapes (the first run's if it was not run).
 Goal (issue): DPM-Solver-25 >= 20x faster than DDPM-1000 with 1-NNA-CD within 2 points.
 With small n (CPU), 1-NNA has a standard error of several points (the "+-" column: the binomial
@@ -25,7 +25,7 @@ from eval.generation import mmd_cov_1nna, normalize_clouds
 from gen3d.procedural import generate
 from gen3d.sample import DEFAULT_SCHEDULER, DEFAULT_STEPS, load_generator, resolve_checkpoint, sample_clouds, sampling_scheduler
 
-RUNS = "ddpm:1000,ddim:50,dpm:25,dpm:50,sde-dpm:25,sde-dpm:25:log_snr_power=0.65,sde-dpm:35,sde-dpm:50"
+RUNS = "ddpm:1000,ddim:50,dpm:25,dpm:50,sde-dpm:25,sde-dpm:25:first_timestep=800,sde-dpm:35,sde-dpm:50"
 
 
 def parse_runs(text: str) -> list[tuple[str, int, dict]]:
@@ -33,7 +33,8 @@ def parse_runs(text: str) -> list[tuple[str, int, dict]]:
     ``[("ddpm", 1000, {}), ("dpm", 25, {"use_karras_sigmas": True})]``.
 
     Items are ``SCHEDULER:STEPS[:KEY=VALUE...]``; KEY=VALUE pairs are diffusers scheduler settings or
-    ``log_snr_power`` passed to :func:`gen3d.sample.sampling_scheduler` (values read as YAML scalars).
+    ``log_snr_power`` / ``first_timestep`` passed to :func:`gen3d.sample.sampling_scheduler` (values
+    read as YAML scalars).
 
     Raises:
         argparse.ArgumentTypeError: an item that is not of that form or names an unknown scheduler.
@@ -61,7 +62,8 @@ def main() -> None:
     ap.add_argument("--grid", type=int, default=128, help="grid of the surface step; 0 skips it")
     ap.add_argument("--runs", type=parse_runs, default=parse_runs(RUNS),
                     help=f"comma-separated SCHEDULER:STEPS[:KEY=VALUE...] to compare, KEY=VALUE being diffusers "
-                         f"scheduler settings, e.g. dpm:25:use_karras_sigmas=true, or log_snr_power=P (gen3d.sample.log_snr_timesteps), e.g. sde-dpm:25:log_snr_power=0.65; leave out ddpm:1000 to skip the slow "
+                         f"scheduler settings, e.g. dpm:25:use_karras_sigmas=true, or log_snr_power=P / first_timestep=T "
+                         f"(gen3d.sample.log_snr_timesteps), e.g. sde-dpm:25:first_timestep=800; leave out ddpm:1000 to skip the slow "
                          f"baseline [default: {RUNS}]")
     args = ap.parse_args()
     model_dir = resolve_checkpoint(args.category, args.checkpoint)

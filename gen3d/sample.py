@@ -154,31 +154,45 @@ def make_scheduler(kind: str, model_dir: Path, **options):
     return sched
 
 
-def log_snr_timesteps(alphas_cumprod: torch.Tensor, steps: int, power: float = 1.0) -> list[int]:
+def log_snr_timesteps(alphas_cumprod: torch.Tensor, steps: int, power: float = 1.0,
+                      first_timestep: int | None = None) -> list[int]:
     """Training timesteps for ``steps`` solver steps spaced by a power of the log-SNR.
 
-    The log-SNR lambda(t) = log(alpha_t / sigma_t) of step k runs from lambda(T - 1) (most noise) to
-    lambda(0) as ``lambda_min + (lambda_max - lambda_min) * u_k ** power`` with u_k = k / steps,
-    k = 0 .. steps - 1, and the solver's last step goes on to sigma = 0. ``power = 1`` is Lu et al.
+    The log-SNR lambda(t) = log(alpha_t / sigma_t) of step k runs from lambda(t_1) (most noise;
+    t_1 = ``first_timestep``, by default T - 1) to lambda(0) as
+    ``lambda_min + (lambda_max - lambda_min) * u_k ** power`` with u_k = k / steps, k = 0 .. steps - 1,
+    and the solver's last step goes on to sigma = 0. ``power = 1`` is Lu et al.
     (2022)'s uniform log-SNR spacing (diffusers' ``use_lu_lambdas`` spaces ``steps`` lambdas up to and
     including lambda(0), so its last network evaluation is at t = 0; this one spends it higher up);
     ``power < 1`` takes larger steps at high noise and smaller ones near the data. Each lambda is
     rounded to the nearest integer t; where rounding makes two steps collide (near t = 0, where
-    lambda changes fastest) the earlier one moves up by one (and none above T - 1 - k), so there are
+    lambda changes fastest) the earlier one moves up by one (and none above t_1 - k), so there are
     exactly ``steps`` distinct timesteps.
+
+    ``first_timestep`` < T - 1 starts the solver lower, still from unit Gaussian noise: with the
+    linear betas at t = 800, alpha_bar = 1.5e-3, so the clean cloud's share of x_t has RMS 0.012
+    (unit-sphere clouds) against noise of RMS 0.9992, a negligible change of the initial
+    distribution, while the network evaluations at t > 800, where an error e in the predicted noise
+    becomes an error of up to 157 e in the predicted clean cloud, are skipped (docs/generation.md).
 
     Args:
         alphas_cumprod: ``float [T]`` cumulative alphas of the training scheduler.
-        steps: number of solver steps, 1 .. T.
+        steps: number of solver steps, 1 .. t_1 + 1.
         power: exponent of the spacing, > 0.
+        first_timestep: t_1, the first (noisiest) timestep, in [0, T - 1]; default T - 1.
 
     Returns:
-        ``steps`` strictly decreasing ints in [0, T - 1], the first T - 1.
+        ``steps`` strictly decreasing ints in [0, t_1], the first t_1.
 
     Raises:
-        ValueError: ``steps`` outside 1 .. T or ``power`` <= 0.
+        ValueError: ``first_timestep`` outside 0 .. T - 1, ``steps`` outside 1 .. t_1 + 1, or
+            ``power`` <= 0.
     """
     a = alphas_cumprod.double().cpu().numpy()
+    if first_timestep is not None:
+        if not 0 <= first_timestep < len(a):
+            raise ValueError(f"first_timestep must be in 0..{len(a) - 1}, got {first_timestep}")
+        a = a[: first_timestep + 1]
     if not 1 <= steps <= len(a):
         raise ValueError(f"steps must be in 1..{len(a)}, got {steps}")
     if not power > 0:
@@ -195,23 +209,27 @@ def log_snr_timesteps(alphas_cumprod: torch.Tensor, steps: int, power: float = 1
 def sampling_scheduler(kind: str, model_dir: Path, steps: int, **options):
     """:func:`make_scheduler` with its timesteps set for ``steps`` steps.
 
-    ``options`` are diffusers settings, plus ours: ``log_snr_power=P`` (``dpm`` / ``sde-dpm`` only)
-    spaces the steps with :func:`log_snr_timesteps` (instead of ``use_lu_lambdas``), for experiments.
+    ``options`` are diffusers settings, plus ours (``dpm`` / ``sde-dpm`` only, for experiments):
+    ``log_snr_power=P`` and ``first_timestep=t`` space the steps with :func:`log_snr_timesteps`
+    (instead of ``use_lu_lambdas``; the one not given takes that function's default).
 
     Raises:
-        ValueError: as :func:`make_scheduler`; ``log_snr_power`` with another kind, or out of range.
+        ValueError: as :func:`make_scheduler`; ``log_snr_power`` / ``first_timestep`` with another
+            kind, or out of range.
     """
     options = dict(options)
-    power = options.pop("log_snr_power", None)
-    if power is not None:
+    ours = {k: options.pop(k) for k in ("log_snr_power", "first_timestep") if k in options}
+    if ours:
         if kind not in ("dpm", "sde-dpm"):
-            raise ValueError(f"log_snr_power applies to dpm and sde-dpm, not {kind!r}")
+            raise ValueError(f"{', '.join(ours)} applies to dpm and sde-dpm, not {kind!r}")
         options["use_lu_lambdas"] = False
     sched = make_scheduler(kind, model_dir, **options)
-    if power is None:
+    if not ours:
         sched.set_timesteps(steps)
     else:
-        sched.set_timesteps(timesteps=log_snr_timesteps(sched.alphas_cumprod, steps, float(power)))
+        first = ours.get("first_timestep")
+        sched.set_timesteps(timesteps=log_snr_timesteps(sched.alphas_cumprod, steps, float(ours.get("log_snr_power", 1.0)),
+                                                        None if first is None else int(first)))
     return sched
 
 
@@ -228,8 +246,8 @@ def sample_clouds(model: DiT3D, model_dir: Path, indices: list[int], num_points:
                   scheduler_options: dict | None = None) -> np.ndarray:
     """Generate the shapes ``indices`` of seed ``seed`` as one batch.
 
-    ``scheduler_options`` are passed to :func:`sampling_scheduler` (diffusers settings and
-    ``log_snr_power``; experiments only).
+    ``scheduler_options`` are passed to :func:`sampling_scheduler` (diffusers settings,
+    ``log_snr_power`` and ``first_timestep``; experiments only).
 
     Returns:
         ``float32 [len(indices), num_points, 3]`` point clouds (the generator's unit-sphere scale).

@@ -32,9 +32,10 @@ def _table(text: str, header: str) -> list[list[str]]:
 
 def test_bench_sampling_prints_speed_and_quality_per_scheduler():
     out = _run("bench_sampling.py", "--category", "chair", "-n", "2", "--runs",
-               "ddpm:4,dpm:2,dpm:2:use_karras_sigmas=true:solver_order=1", "--grid", "32")
+               "ddpm:4,dpm:2,dpm:2:use_karras_sigmas=true:solver_order=1,sde-dpm:2:first_timestep=800", "--grid", "32")
     rows = _table(out, "| scheduler")
-    assert [(r[0], r[1]) for r in rows] == [("ddpm", "4"), ("dpm", "2"), ("dpm use_karras_sigmas=True solver_order=1", "2")]
+    assert [(r[0], r[1]) for r in rows] == [("ddpm", "4"), ("dpm", "2"), ("dpm use_karras_sigmas=True solver_order=1", "2"),
+                                            ("sde-dpm first_timestep=800", "2")]
     for r in rows:
         assert float(r[2]) > 0 and r[4].endswith("x")
         assert 0.0 <= float(r[5]) <= 100.0 and float(r[6]) >= 0.0   # 1-NNA (%) and its standard error

@@ -278,7 +278,8 @@ def test_sde_dpm_steps_are_uniform_in_log_snr(tiny_model):
 
 def test_log_snr_power_spacing(tiny_model):
     """log_snr_timesteps: power 1 is uniform in log-SNR; power < 1 moves steps towards the
-    data; always exactly `steps` distinct decreasing timesteps from T - 1; sampling_scheduler uses them."""
+    data; always exactly `steps` distinct decreasing timesteps from T - 1 (or first_timestep);
+    sampling_scheduler uses them."""
     import torch
 
     from gen3d.sample import log_snr_timesteps, make_scheduler, sample_clouds, sampling_scheduler
@@ -305,6 +306,21 @@ def test_log_snr_power_spacing(tiny_model):
     with pytest.raises(ValueError, match="power"):
         log_snr_timesteps(a, 10, 0.0)
 
+    late = log_snr_timesteps(a, 25, 1.0, first_timestep=800)   # a lower start: uniform from lambda(800)
+    assert late[0] == 800 and len(set(late)) == 25 and (np.diff(late) < 0).all() and min(late) >= 0
+    step = np.diff(lam(late))
+    assert abs(step[:-3].mean() - (lam([0]) - lam([800]))[0] / 25) < 0.02 and step[0] < even[0]
+    assert log_snr_timesteps(a, 801, 1.0, first_timestep=800) == list(range(800, -1, -1))
+    for bad in (-1, 1000):
+        with pytest.raises(ValueError, match="first_timestep"):
+            log_snr_timesteps(a, 10, first_timestep=bad)
+    with pytest.raises(ValueError, match="steps"):
+        log_snr_timesteps(a, 802, first_timestep=800)
+
+    sched = sampling_scheduler("sde-dpm", tiny_model, 10, first_timestep=800)
+    assert sched.timesteps.tolist() == log_snr_timesteps(a, 10, 1.0, 800)
+    with pytest.raises(ValueError, match="first_timestep"):
+        sampling_scheduler("ddpm", tiny_model, 10, first_timestep=800)
     sched = sampling_scheduler("sde-dpm", tiny_model, 10, log_snr_power=0.65)
     assert sched.timesteps.tolist() == log_snr_timesteps(a, 10, 0.65) and sched.config.use_lu_lambdas is False
     with pytest.raises(ValueError, match="log_snr_power"):
