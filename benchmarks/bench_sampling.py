@@ -7,8 +7,9 @@ For DDPM-1000, DDIM-50, DPM-Solver++-25/50 and SDE-DPM-Solver++-25/35/50 (``sde-
 in log-SNR; ``sde-dpm:50`` is ``gen3d sample``'s default; at 25 steps also started at t = 800,
 ``first_timestep=800``, the best 25-step spacing measured, docs/generation.md) (or the --runs given)
 on the same checkpoint and the same initial noise (shape i of seed 0), prints shapes per second and
-1-NNA-CD against n held-out procedural shapes (seed 1), then the seconds per shape of the surface step (DPSR + marching cubes) at --grid, on the
-default sampler's shapes (the first run's if it was not run).
+1-NNA-CD against n held-out procedural shapes (seed 1), then the seconds per shape of the surface
+step (DPSR + marching cubes) at --grid, on the default sampler's shapes (the first run's if it was
+not run).
 Goal (issue): DPM-Solver-25 >= 20x faster than DDPM-1000 with 1-NNA-CD within 2 points.
 With small n (CPU), 1-NNA has a standard error of several points (the "+-" column: the binomial
 standard error sqrt(p (1 - p) / 2n) of a 2n-cloud leave-one-out accuracy); read differences accordingly.
