@@ -95,11 +95,15 @@ def _training_collections(data: tuple[str, ...], out: Path, num_points: int, wor
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run folder: checkpoints/, log.jsonl, model/ (EMA weights for `gen3d sample --checkpoint`).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+@click.option("--init", "init", default=None,
+              help="Start from a trained model instead of random weights: a model folder (OUT/model) or a "
+                   "category with a shipped checkpoint (chair, airplane). Fresh optimizer, step 0 and the "
+                   "config's learning-rate schedule; the config's model and diffusion sections must match.")
 @click.option("--max-steps", type=click.IntRange(1), default=None,
               help="Stop at this step (resume later with --resume); default: the config's steps.")
 @click.option("--workers", default=min(2, os.cpu_count() or 1), show_default=True, type=click.IntRange(1),
               help="Processes for pooling non-collection --data sources.")
-def train_cmd(category: str, data: tuple[str, ...], config_path: Path, out: Path, resume: bool,
+def train_cmd(category: str, data: tuple[str, ...], config_path: Path, out: Path, resume: bool, init: str | None,
               max_steps: int | None, workers: int) -> None:
     """Train a DiT-3D point-cloud diffusion model for one category (DDPM, epsilon, MSE).
 
@@ -111,13 +115,24 @@ def train_cmd(category: str, data: tuple[str, ...], config_path: Path, out: Path
     Example (CPU, the shipped chair checkpoint's recipe):
       gen3d train --category chair --config configs/gen3d/dit3d_cpu.yaml --out runs/chair \\
         --data procedural:chair:3000:seed=0 --data labeled-psb:chair:split=train
+    Fine-tune the shipped chair checkpoint on your data (e.g. ShapeNet):
+      gen3d train --category chair --init chair --config configs/gen3d/dit3d_cpu_finetune.yaml \\
+        --out runs/chair-ft --data shapenetpart:PATH:category=chair:split=train
     """
     from .train import load_config, train
 
     try:
         config = load_config(config_path)
         collections = _training_collections(data, out, config["num_points"], workers)
-        info = train(config, category, collections, out, resume=resume, max_steps=max_steps)
+        if init is not None and not Path(init).exists():
+            from .sample import shipped_checkpoint
+
+            found = shipped_checkpoint(init)
+            if found is None:
+                raise click.BadParameter(f"{init!r} is neither a model folder nor a category with a shipped "
+                                         "checkpoint (chair, airplane)", param_hint="--init")
+            init = str(found)
+        info = train(config, category, collections, out, resume=resume, max_steps=max_steps, init=init)
     except (ValueError, FileExistsError, FileNotFoundError, DataFormatError) as exc:
         raise click.ClickException(str(exc)) from exc
     if int(os.environ.get("RANK", "0")) == 0:

@@ -148,8 +148,55 @@ def _write_model(out: Path, ema: EMAModel, model: DiT3D, scheduler: DDPMSchedule
     shutil.rmtree(old, ignore_errors=True)
 
 
+def init_from(model: DiT3D, init: str | os.PathLike, config: dict[str, Any]) -> dict[str, Any]:
+    """Load the weights of a trained model folder into ``model`` (the start of a fine-tuning or
+    continued run: ``gen3d train --init``).
+
+    Args:
+        model: the freshly built model, of ``config["model"]``.
+        init: a model folder (``OUT/model`` of ``gen3d train``, a shipped checkpoint) or a run
+            folder holding ``model/``; weights stored in float16 are loaded as float32.
+        config: the run's config; its ``model`` and ``diffusion`` sections must match the folder's
+            ``config.json`` and ``scheduler_config.json``.
+
+    Returns:
+        What the run records as ``init`` in ``training.json``: the folder, the first 16 hex digits
+        of its weights' SHA-256, and its own ``steps`` and ``wall_seconds`` (None if unknown).
+
+    Raises:
+        FileNotFoundError: no model in ``init``.
+        ValueError: a ``model`` or ``diffusion`` setting differs (names the file and the setting).
+    """
+    import hashlib
+
+    path = Path(init)
+    folder = next((c for c in (path, path / "model") if (c / "config.json").is_file()), None)
+    if folder is None:
+        raise FileNotFoundError(f"--init {path}: no model here (expected config.json and "
+                                "diffusion_pytorch_model.safetensors, as `gen3d train` writes into OUT/model)")
+    source = DiT3D.from_pretrained(str(folder), torch_dtype=torch.float32)
+    ours = {"model": {k: v for k, v in model.config.items() if not k.startswith("_")}, "diffusion": config["diffusion"]}
+    for section, saved, name in (("model", source.config, "config.json"),
+                                 ("diffusion", DDPMScheduler.load_config(str(folder)), "scheduler_config.json")):
+        differ = {k: (saved.get(k), v) for k, v in ours[section].items() if _plain(saved.get(k)) != _plain(v)}
+        if differ:
+            raise ValueError(f"--init {folder / name}: {section} settings differ from the config's: " +
+                             ", ".join(f"{k} = {a!r} there, {b!r} in the config" for k, (a, b) in differ.items()))
+    model.load_state_dict(source.state_dict())
+    weights = next(folder.glob("*.safetensors"))
+    before = {}
+    if (folder / "training.json").is_file():
+        try:
+            before = json.loads((folder / "training.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--init {folder / 'training.json'}: not valid JSON ({e})") from None
+    return {"path": str(folder), "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()[:16],
+            "steps": before.get("steps"), "wall_seconds": before.get("wall_seconds")}
+
+
 def train(config: dict[str, Any], category: str, collections: list[str | os.PathLike], out: str | os.PathLike,
-          resume: bool = False, max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+          resume: bool = False, max_steps: int | None = None, progress: bool = True,
+          init: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train (or resume training) a DiT-3D generator for one category.
 
     Args:
@@ -161,12 +208,18 @@ def train(config: dict[str, Any], category: str, collections: list[str | os.Path
             ``resume`` is False).
         max_steps: stop after this step even if the config asks for more (the run can be resumed).
         progress: show a progress bar.
+        init: start from the weights of this model folder (:func:`init_from`; the EMA starts there
+            too) instead of a random initialisation, with a fresh optimizer, step 0 and the config's
+            learning-rate schedule: fine-tuning a shipped checkpoint on other data, or continuing
+            one with a new cooldown. Recorded as ``init`` in ``training.json`` (also when the run
+            is resumed; a resumed run's weights come from its checkpoint).
 
     Returns:
         ``training.json``'s content: steps, wall time, data, config, final loss.
 
     Raises:
         FileExistsError: ``out`` holds a run and ``resume`` is False.
+        FileNotFoundError, ValueError: as :func:`init_from`.
         ValueError: no training shapes.
     """
     from tqdm import tqdm
@@ -183,6 +236,7 @@ def train(config: dict[str, Any], category: str, collections: list[str | os.Path
     data, sources = load_training_clouds(list(collections), category, n_points)
     scheduler = DDPMScheduler(**config["diffusion"])
     model = DiT3D(**config["model"])
+    init_info = _init(model, init, config, out, resume)
     ema = EMAModel(model.parameters(), decay=tc["ema_decay"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -229,17 +283,38 @@ def train(config: dict[str, Any], category: str, collections: list[str | os.Path
                                      "seconds": round(wall + time.perf_counter() - t0, 2)}) + "\n")
         if step % tc["checkpoint_every"] == 0 or step == total:
             info = _checkpoint(accelerator, out, step, wall + time.perf_counter() - t0, ema, unwrapped, scheduler,
-                               config, category, sources, last_loss, len(data))
+                               config, category, sources, last_loss, len(data), init_info)
     bar.close()
     return info or json.loads((out / "model" / "training.json").read_text())
 
 
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so that a setting read from JSON compares equal to the same one from YAML."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _init(model: DiT3D, init: str | os.PathLike | None, config: dict, out: Path, resume: bool) -> dict | None:
+    """Apply ``--init`` and remember it in ``OUT/init.json``, so that a resumed run records it too."""
+    record = out / "init.json"
+    if init is not None:
+        info = init_from(model, init, config)
+        if not (resume and record.exists()) and int(os.environ.get("RANK", "0")) == 0:
+            tmp = record.with_suffix(".tmp")
+            tmp.write_text(json.dumps(info, indent=2))
+            os.replace(tmp, record)
+        return info if not (resume and record.exists()) else json.loads(record.read_text())
+    return json.loads(record.read_text()) if resume and record.exists() else None
+
+
 def _checkpoint(accelerator: Accelerator, out: Path, step: int, wall: float, ema: EMAModel, model: DiT3D,
-                scheduler: DDPMScheduler, config: dict, category: str, sources: list, loss: float, n_shapes: int) -> dict:
+                scheduler: DDPMScheduler, config: dict, category: str, sources: list, loss: float, n_shapes: int,
+                init_info: dict | None = None) -> dict:
     info = {"category": category, "steps": step, "wall_seconds": round(wall, 1), "final_loss": loss,
             "parameters": count_parameters(model), "training_shapes": n_shapes, "data": sources,
             "config": config, "device": str(accelerator.device), "processes": accelerator.num_processes,
             "torch": torch.__version__}
+    if init_info is not None:
+        info["init"] = init_info
     save_checkpoint(accelerator, out / "checkpoints" / f"step-{step:07d}", {"step": step, "wall_seconds": wall},
                     config["train"]["keep_checkpoints"])
     if accelerator.is_main_process:

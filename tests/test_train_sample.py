@@ -183,6 +183,49 @@ def test_export_model_half_precision_round_trip(tmp_path, tiny_model):
         np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), atol=2e-3, rtol=2e-3)
 
 
+def test_init_starts_from_the_given_weights_and_records_them(tmp_path, mug_data, tiny_model):
+    from gen3d.sample import checkpoint_hash
+
+    # lr 0: the run keeps the --init weights, so its exported EMA model is the init model itself (a
+    # randomly initialised one differs from the 20-step tiny model by ~1e-3)
+    config = tiny_config(tmp_path, steps=4, checkpoint_every=2, lr=0.0)
+    run = tmp_path / "ft"
+    train(load_config(config), "mug", [mug_data], run, max_steps=2, progress=False, init=tiny_model)
+    # resumed without --init: the weights come from the checkpoint, and the init is still recorded
+    info = train(load_config(config), "mug", [mug_data], run, resume=True, progress=False)
+    before = json.loads((tiny_model / "training.json").read_text())
+    assert info["init"] == {"path": str(tiny_model), "weights_sha256": checkpoint_hash(tiny_model),
+                            "steps": before["steps"], "wall_seconds": before["wall_seconds"]}
+    assert json.loads((run / "model" / "training.json").read_text())["init"] == info["init"]
+    for a, b in zip(load_generator(tiny_model).parameters(), load_generator(run / "model").parameters()):
+        np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), atol=1e-6)
+
+
+def test_init_with_another_model_config_is_refused_naming_the_setting(tmp_path, mug_data, tiny_model):
+    cfg = load_config(tiny_config(tmp_path, steps=2))
+    cfg["model"]["hidden_size"] *= 2
+    with pytest.raises(ValueError, match=r"config\.json: model settings differ.*hidden_size"):
+        train(cfg, "mug", [mug_data], tmp_path / "a", progress=False, init=tiny_model)
+    cfg = load_config(tiny_config(tmp_path, steps=2))
+    cfg["diffusion"]["beta_end"] = 0.01
+    with pytest.raises(ValueError, match=r"scheduler_config\.json: diffusion settings differ.*beta_end"):
+        train(cfg, "mug", [mug_data], tmp_path / "b", progress=False, init=tiny_model)
+    with pytest.raises(FileNotFoundError, match="no model here"):
+        train(load_config(tiny_config(tmp_path, steps=2)), "mug", [mug_data], tmp_path / "c", progress=False,
+              init=tmp_path)
+
+
+def test_cli_init_takes_a_shipped_category_and_refuses_an_unknown_one(tmp_path, mug_data):
+    config = tiny_config(tmp_path, steps=1)
+    res = CliRunner().invoke(main, ["train", "--category", "mug", "--config", str(config), "--out", str(tmp_path / "a"),
+                                    "--data", str(mug_data), "--init", "no-such-category"])
+    assert res.exit_code != 0 and "neither a model folder nor a category with a shipped checkpoint" in res.output
+    # the shipped chair checkpoint is a dit3d_cpu model: a tiny config does not fit it
+    res = CliRunner().invoke(main, ["train", "--category", "mug", "--config", str(config), "--out", str(tmp_path / "b"),
+                                    "--data", str(mug_data), "--init", "chair"])
+    assert res.exit_code != 0 and "gen3d/checkpoints/chair/config.json: model settings differ" in res.output
+
+
 def test_training_info_reads_absent_and_broken_files(tmp_path, tiny_model):
     from gen3d.sample import training_info
 
