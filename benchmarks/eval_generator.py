@@ -61,6 +61,7 @@ def main() -> None:
                                            seed=args.seed) for name, ref in refs.items()}
         training = training_info(model_dir)
         results.append({"checkpoint": str(model_dir), "training_steps": training.get("steps"),
+                        "init_steps": (training.get("init") or {}).get("steps"),   # a run started with --init
                         "training_seconds": training.get("wall_seconds"), "sampling_seconds": round(seconds, 1),
                         "metrics": rows})
         print(f"checkpoint {model_dir}: {args.n} samples, {args.scheduler}-{args.steps}, {seconds:.0f} s", flush=True)
@@ -68,7 +69,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for r in results:
         for name, m in r["metrics"].items():
-            print(f"| {r['checkpoint']} | {r['training_steps']} | {name} | {m['n_ref']} | {1e3 * m['MMD-CD']:.2f} | "
+            steps = r["training_steps"] if r["init_steps"] is None else f"{r['init_steps']} + {r['training_steps']}"
+            print(f"| {r['checkpoint']} | {steps} | {name} | {m['n_ref']} | {1e3 * m['MMD-CD']:.2f} | "
                   f"{100 * m['COV-CD']:.1f} | {100 * m['1-NNA-CD']:.1f} |")
     print(f"| DiT-3D S/4 chair (published, context only) | - | ShapeNet chairs | - | - | "
           f"{PUBLISHED_CHAIR_S4['COV-CD (%)']} | {PUBLISHED_CHAIR_S4['1-NNA-CD (%)']} |")
