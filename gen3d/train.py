@@ -37,7 +37,7 @@ from .collection import Collection
 from .config import read_yaml_config
 from .dataset import normalize_unit_sphere
 from .dit3d import DiT3D, count_parameters
-from .runs import resume_checkpoint, save_checkpoint, truncate_log
+from .runs import latest_checkpoint, resume_checkpoint, save_checkpoint, truncate_log
 
 DEFAULT_TRAIN = {"batch_size": 16, "lr": 1e-4, "weight_decay": 0.0, "steps": 10000, "ema_decay": 0.999,
                  "checkpoint_every": 500, "log_every": 10, "keep_checkpoints": 2, "seed": 0,
@@ -167,7 +167,7 @@ def init_from(model: DiT3D, init: str | os.PathLike, config: dict[str, Any]) -> 
         FileNotFoundError: no model in ``init``.
         ValueError: a ``model`` or ``diffusion`` setting differs (names the file and the setting).
     """
-    import hashlib
+    from .sample import checkpoint_hash, training_info
 
     path = Path(init)
     folder = next((c for c in (path, path / "model") if (c / "config.json").is_file()), None)
@@ -183,15 +183,9 @@ def init_from(model: DiT3D, init: str | os.PathLike, config: dict[str, Any]) -> 
             raise ValueError(f"--init {folder / name}: {section} settings differ from the config's: " +
                              ", ".join(f"{k} = {a!r} there, {b!r} in the config" for k, (a, b) in differ.items()))
     model.load_state_dict(source.state_dict())
-    weights = next(folder.glob("*.safetensors"))
-    before = {}
-    if (folder / "training.json").is_file():
-        try:
-            before = json.loads((folder / "training.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--init {folder / 'training.json'}: not valid JSON ({e})") from None
-    return {"path": str(folder), "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()[:16],
-            "steps": before.get("steps"), "wall_seconds": before.get("wall_seconds")}
+    before = training_info(folder)
+    return {"path": str(folder), "weights_sha256": checkpoint_hash(folder), "steps": before.get("steps"),
+            "wall_seconds": before.get("wall_seconds")}
 
 
 def train(config: dict[str, Any], category: str, collections: list[str | os.PathLike], out: str | os.PathLike,
@@ -294,16 +288,20 @@ def _plain(value: Any) -> Any:
 
 
 def _init(model: DiT3D, init: str | os.PathLike | None, config: dict, out: Path, resume: bool) -> dict | None:
-    """Apply ``--init`` and remember it in ``OUT/init.json``, so that a resumed run records it too."""
+    """Apply ``--init`` and remember it in ``OUT/init.json``, so that a resumed run records it too
+    (and, resumed before its first checkpoint, starts from the same weights without ``--init``)."""
     record = out / "init.json"
-    if init is not None:
-        info = init_from(model, init, config)
-        if not (resume and record.exists()) and int(os.environ.get("RANK", "0")) == 0:
-            tmp = record.with_suffix(".tmp")
-            tmp.write_text(json.dumps(info, indent=2))
-            os.replace(tmp, record)
-        return info if not (resume and record.exists()) else json.loads(record.read_text())
-    return json.loads(record.read_text()) if resume and record.exists() else None
+    recorded = json.loads(record.read_text()) if resume and record.exists() else None
+    if init is None and recorded is not None and latest_checkpoint(out) is None:
+        init = recorded["path"]
+    if init is None:
+        return recorded
+    info = init_from(model, init, config)
+    if recorded is None and int(os.environ.get("RANK", "0")) == 0:
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, record)
+    return recorded or info
 
 
 def _checkpoint(accelerator: Accelerator, out: Path, step: int, wall: float, ema: EMAModel, model: DiT3D,
