@@ -167,13 +167,12 @@ def init_from(model: DiT3D, init: str | os.PathLike, config: dict[str, Any]) -> 
         FileNotFoundError: no model in ``init``.
         ValueError: a ``model`` or ``diffusion`` setting differs (names the file and the setting).
     """
-    from .sample import checkpoint_hash, training_info
+    from .sample import CheckpointNotFoundError, checkpoint_hash, resolve_checkpoint, training_info
 
-    path = Path(init)
-    folder = next((c for c in (path, path / "model") if (c / "config.json").is_file()), None)
-    if folder is None:
-        raise FileNotFoundError(f"--init {path}: no model here (expected config.json and "
-                                "diffusion_pytorch_model.safetensors, as `gen3d train` writes into OUT/model)")
+    try:
+        folder = resolve_checkpoint("", init)
+    except CheckpointNotFoundError as e:
+        raise FileNotFoundError(f"--init {e}") from None
     source = DiT3D.from_pretrained(str(folder), torch_dtype=torch.float32)
     ours = {"model": {k: v for k, v in model.config.items() if not k.startswith("_")}, "diffusion": config["diffusion"]}
     for section, saved, name in (("model", source.config, "config.json"),

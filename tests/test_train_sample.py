@@ -210,7 +210,7 @@ def test_init_with_another_model_config_is_refused_naming_the_setting(tmp_path, 
     cfg["diffusion"]["beta_end"] = 0.01
     with pytest.raises(ValueError, match=r"scheduler_config\.json: diffusion settings differ.*beta_end"):
         train(cfg, "mug", [mug_data], tmp_path / "b", progress=False, init=tiny_model)
-    with pytest.raises(FileNotFoundError, match="no model here"):
+    with pytest.raises(FileNotFoundError, match="--init .*no generator checkpoint here"):
         train(load_config(tiny_config(tmp_path, steps=2)), "mug", [mug_data], tmp_path / "c", progress=False,
               init=tmp_path)
 
