@@ -289,7 +289,7 @@ def _self_pairwise_chamfer(a: torch.Tensor, batch_size: int, progress: bool = Fa
 # MMD, COV, 1-NNA
 # ----------------------------------------------------------------------------------------------
 def mmd_cov_1nna(sample: torch.Tensor, ref: torch.Tensor, batch_size: int = 64,
-                 progress: bool = False) -> dict[str, float]:
+                 progress: bool = False, per_cloud: bool = False) -> dict[str, float | np.ndarray]:
     """MMD-CD, COV-CD and 1-NNA-CD of a generated set against a reference set (PointFlow's definitions).
 
     Args:
@@ -298,6 +298,11 @@ def mmd_cov_1nna(sample: torch.Tensor, ref: torch.Tensor, batch_size: int = 64,
         batch_size: cloud pairs per ``torch.cdist`` call on the brute-force (CUDA) path; unused on
             the CPU k-d tree path (see :func:`pairwise_chamfer`).
         progress: show progress bars.
+        per_cloud: also return ``"1-NNA-CD correct"``, a ``bool`` array ``(num_ref + num_sample,)``
+            ordered ``[ref; sample]``: whether each cloud's nearest other has its label (its mean is
+            1-NNA-CD). Two generated sets scored against the same reference, sample ``i`` of both
+            made from the same noise, give per-cloud pairs for a paired standard error of their
+            difference (``benchmarks/bench_sampling.py``).
 
     Returns:
         ``{"MMD-CD": float, "COV-CD": float, "1-NNA-CD": float}``, raw values:
@@ -337,8 +342,11 @@ def mmd_cov_1nna(sample: torch.Tensor, ref: torch.Tensor, batch_size: int = 64,
     m.fill_diagonal_(float("inf"))  # leave one out
     label = torch.cat([torch.ones(num_ref, device=m.device), torch.zeros(num_sample, device=m.device)])
     nearest = m.argmin(0)  # column j: nearest other cloud of j (PointFlow's topk over dim 0)
-    acc = (label[nearest] == label).double().mean()
-    return {"MMD-CD": float(mmd), "COV-CD": float(cov), "1-NNA-CD": float(acc)}
+    correct = label[nearest] == label
+    out = {"MMD-CD": float(mmd), "COV-CD": float(cov), "1-NNA-CD": float(correct.double().mean())}
+    if per_cloud:
+        out["1-NNA-CD correct"] = correct.cpu().numpy()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -156,6 +156,19 @@ def test_ties_resolve_to_first_index_references_first():
     assert mmd_cov_1nna(torch.cat([c, c]), torch.cat([c, c]))["1-NNA-CD"] == 0.5
 
 
+def test_per_cloud_correctness_is_ordered_refs_first_and_averages_to_1nna():
+    c = distinct_clouds(1)
+    got = mmd_cov_1nna(c, torch.cat([c, c]), per_cloud=True)  # the tie case above: [ref0, ref1, s0]
+    assert got["1-NNA-CD correct"].dtype == bool
+    assert got["1-NNA-CD correct"].tolist() == [True, True, False]
+    gen = torch.Generator().manual_seed(6)
+    sample, ref = spheroids(9, 64, gen, 1.5), spheroids(7, 64, gen)
+    got = mmd_cov_1nna(sample, ref, per_cloud=True)
+    assert got["1-NNA-CD correct"].shape == (16,)
+    assert got["1-NNA-CD correct"].mean() == pytest.approx(got["1-NNA-CD"])
+    assert "1-NNA-CD correct" not in mmd_cov_1nna(sample, ref)
+
+
 def test_separated_sets_and_one_repeated_shape():
     gen = torch.Generator().manual_seed(4)
     sample, ref = spheroids(10, 64, gen), spheroids(12, 64, gen)
