@@ -149,18 +149,24 @@ def generation_cmd(samples, reference, out, category, ref_split, max_shapes, see
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--quick", is_flag=True, help="The small variant (minutes, for CI): tiny sizes, its numbers only show the pipeline runs.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Experiment folder [default: runs/experiments/NAME]; a re-run resumes from its cached stages.")
+              help="Experiment folder [default: runs/experiments/NAME]; a re-run resumes from its cached stages "
+                   "(those made with the same settings from the same inputs).")
+@click.option("--redo-stale", is_flag=True,
+              help="Where a cached stage was made with other settings (the config changed, or the shipped "
+                   "generator), delete its outputs and make it and the stages after it again, instead of stopping "
+                   "with an error that names what changed.")
 @click.option("--results", default="RESULTS.md", show_default=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Markdown file whose section for this experiment is (re)written.")
 @click.option("--coseg", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="COSEG root folder (<set>/shapes/*.off + <set>/gt/*.seg): also apply every Pre student to the "
                    "category's COSEG shapes and score them per face (PartDistill Table 4).")
-def experiment_cmd(config, quick, out, results, coseg):
+def experiment_cmd(config, quick, out, redo_stale, results, coseg):
     """Run an end-to-end experiment (generate -> pool -> teachers -> knowledge -> distil -> evaluate)."""
     from .experiment import run_experiment
 
     try:
-        summary = run_experiment(config, out, quick, results, coseg, log=lambda m: click.echo(m, err=True))
+        summary = run_experiment(config, out, quick, results, coseg, log=lambda m: click.echo(m, err=True),
+                                 redo_stale=redo_stale)
     except _ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"{summary['name']}: {len(summary['results'])} rows in {summary['wall_seconds'] / 60:.1f} min; "

@@ -1,7 +1,8 @@
 """End-to-end experiments: generate, pool, teach, distil, evaluate on Labeled-PSB meshes; write RESULTS.md.
 
 One command per category (``pdeval experiment configs/experiments/chair.yaml``), config-driven, every
-stage cached under the output folder so that a re-run resumes:
+stage cached under the output folder with the settings and inputs that made it, so that a re-run
+resumes and a changed config is never answered from a stale cache (:class:`Stages`):
 
 1. ``generated.h5``: ``n`` shapes from the shipped DiT-3D generator, with DPSR meshes (:mod:`gen3d.sample`).
 2. ``real.h5``: the category's Labeled-PSB meshes (train and test split of ``gen3d/data/psb.yaml``).
@@ -27,9 +28,11 @@ Nothing is selected on test data: epochs are fixed by the config and the last ep
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,40 +102,104 @@ def _check_backward_options(path: Path, row: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------
 # stages
 # ----------------------------------------------------------------------------------------------
+class StaleStageError(ValueError):
+    """A cached stage was made with other settings (or from other inputs) than the current ones."""
+
+
 class Stages:
-    """Runs named stages once: a stage is done when its marker ``.done/<name>.json`` exists.
+    """Runs named stages once: a stage is done when its marker ``.done/<name>.json`` exists and was
+    made with the same settings from the same inputs.
+
+    Each stage states the ``settings`` that decide its output (JSON-able: config sections, resolved
+    paths, weight hashes) and the stages it reads (``after``); its fingerprint, the SHA-256 of both
+    (an input stage by its own fingerprint), is kept in the marker. A marker with another fingerprint
+    is stale: by default :class:`StaleStageError` names the settings that changed (or the input
+    stage) and the stage's outputs; with ``redo_stale`` the stage's ``outputs`` are deleted and it
+    runs again, and so, through their fingerprints, do the stages that read it.
 
     A marker may be written by hand for a stage whose output was made by an earlier command on the
     same inputs (e.g. a teacher fitted by ``benchmarks/voting_baseline.py``): its ``result`` then carries
     ``reused_from`` (a sentence naming the command), which lands in ``results.json`` under ``reused``
-    and in RESULTS.md.
+    and in RESULTS.md. A marker without a fingerprint (hand-written, or from before fingerprints) is
+    taken as it is.
     """
 
-    def __init__(self, out: Path, log: Callable[[str], None]):
-        self.out, self.log = out, log
+    def __init__(self, out: Path, log: Callable[[str], None], redo_stale: bool = False):
+        self.out, self.log, self.redo_stale = out, log, redo_stale
         (out / ".done").mkdir(parents=True, exist_ok=True)
         self.times: dict[str, float] = {}
         self.reused: dict[str, str] = {}
+        self.fingerprints: dict[str, str] = {}
 
-    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+    def run(self, name: str, fn: Callable[[], Any], settings: dict[str, Any] | None = None,
+            after: tuple[str, ...] | list[str] = (), outputs: tuple[Path, ...] | list[Path] = ()) -> Any:
+        """Return the cached result of stage ``name``, or run ``fn()`` and cache its (JSON-able) result.
+
+        Raises:
+            StaleStageError: the marker's settings or inputs differ and ``redo_stale`` is off.
+            KeyError: a stage in ``after`` has not been run in this session.
+        """
         marker = self.out / ".done" / f"{name.replace('/', '_')}.json"
+        recorded = json.loads(json.dumps(settings or {}, sort_keys=True, default=_json))
+        inputs = {a: self.fingerprints[a] for a in after}
+        fingerprint = hashlib.sha256(json.dumps([recorded, inputs], sort_keys=True).encode()).hexdigest()[:16]
         if marker.exists():
             info = json.loads(marker.read_text())
-            self.times[name] = info["seconds"]
-            if isinstance(info["result"], dict) and info["result"].get("reused_from"):
-                self.reused[name] = info["result"]["reused_from"]
-            self.log(f"[cached] {name}")
-            return info["result"]
+            if info.get("fingerprint", fingerprint) == fingerprint:
+                self.fingerprints[name] = fingerprint
+                self.times[name] = info["seconds"]
+                if isinstance(info["result"], dict) and info["result"].get("reused_from"):
+                    self.reused[name] = info["result"]["reused_from"]
+                self.log(f"[cached] {name}")
+                return info["result"]
+            why = _changes(info.get("settings", {}), recorded, info.get("after", {}), inputs)
+            if not self.redo_stale:
+                raise StaleStageError(
+                    f"{marker}: stage {name!r} was made with other settings ({why}); its outputs "
+                    f"({', '.join(str(o) for o in outputs) or 'none besides the marker'}) are out of date. "
+                    f"Re-run with --redo-stale to make it and the stages after it again, or use another --out.")
+            self.log(f"[stale] {name}: {why}; making it again")
+            for o in map(Path, outputs):
+                if o.is_dir():
+                    shutil.rmtree(o)
+                else:
+                    o.unlink(missing_ok=True)
+            marker.unlink()
         self.log(f"[stage] {name} ...")
         t0 = time.perf_counter()
         result = fn()
         seconds = time.perf_counter() - t0
         self.times[name] = seconds
+        self.fingerprints[name] = fingerprint
         tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"seconds": seconds, "result": result}, default=_json))
+        tmp.write_text(json.dumps({"seconds": seconds, "result": result, "fingerprint": fingerprint,
+                                   "settings": recorded, "after": inputs}, default=_json))
         os.replace(tmp, marker)
         self.log(f"[done] {name} in {seconds:.1f} s")
         return result
+
+
+def _file_digests(*paths: str | os.PathLike | None) -> dict[str, str | None]:
+    """``{path: first 16 hex digits of the SHA-256 of its content}`` (None: no such file), so that a
+    stage reading a config file is stale when the file changes, not only when its path does."""
+    return {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16] if Path(p).is_file() else None
+            for p in paths if p}
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any], old_after: dict[str, str], new_after: dict[str, str]) -> str:
+    """What differs between two stage fingerprints, for a message: ``"generate.steps: 50 -> 25"``,
+    ``"input stage 'pool' changed"``."""
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict) and d:
+            return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): d}
+
+    a, b = flat(old), flat(new)
+    parts = [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(a.keys() | b.keys())
+             if a.get(k, "(unset)") != b.get(k, "(unset)")]
+    parts += [f"input stage {k!r} changed" for k in sorted(old_after.keys() | new_after.keys())
+              if old_after.get(k) != new_after.get(k)]
+    return "; ".join(parts) or "unknown change"
 
 
 def generator_provenance(path: str | os.PathLike) -> dict[str, Any]:
@@ -322,8 +389,13 @@ def knowledge_2d_miou(knowledge: Path, confidences: Path | None = None) -> dict[
 # ----------------------------------------------------------------------------------------------
 def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None = None, quick: bool = False,
                    results_md: str | os.PathLike | None = "RESULTS.md", coseg: str | os.PathLike | None = None,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
+                   log: Callable[[str], None] = print, redo_stale: bool = False) -> dict[str, Any]:
     """Run (or resume) one end-to-end experiment; see the module docstring.
+
+    A stage cached in ``OUT`` is reused only if its settings (config sections, the generator's weight
+    hash, the content of the config files it names) and its input stages are unchanged
+    (:class:`Stages`); ``redo_stale`` makes a changed stage and those after it again instead of
+    raising :class:`StaleStageError`.
 
     Returns:
         the content of ``OUT/results.json``.
@@ -334,7 +406,7 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
     from distill.teacher_fit import fit_teacher
     from distill.trainer import build_model, load_config, train_distill
     from gen3d.pool import PoolSettings, pool
-    from gen3d.sample import DEFAULT_SCHEDULER, DEFAULT_STEPS, generate_collection
+    from gen3d.sample import DEFAULT_SCHEDULER, DEFAULT_STEPS, checkpoint_hash, generate_collection, resolve_checkpoint
 
     from .sheet import comparison_sheet
 
@@ -342,7 +414,7 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
     cat = cfg["category"]
     out = Path(out or Path("runs") / "experiments" / cfg["name"])
     out.mkdir(parents=True, exist_ok=True)
-    st = Stages(out, log)
+    st = Stages(out, log, redo_stale)
     t_start = time.perf_counter()
     g = cfg["generate"]
 
@@ -351,11 +423,15 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
                             g.get("steps", DEFAULT_STEPS), seed=g.get("seed", 0), mesh=True, progress=False)
         return {"n": g["n"]}
 
-    st.run("generate", gen)
-    st.run("real", lambda: pool(out / "real.h5", [cfg["real"]], PoolSettings(), workers=1).total)
-    st.run("shots", lambda: pool(out / "shots.h5", [cfg["procedural_shots"]], PoolSettings(), workers=1).total)
+    gen_settings = {"n": g["n"], "scheduler": g.get("scheduler", DEFAULT_SCHEDULER), "steps": g.get("steps", DEFAULT_STEPS),
+                    "seed": g.get("seed", 0), "weights": checkpoint_hash(resolve_checkpoint(cat, g.get("checkpoint")))}
+    st.run("generate", gen, gen_settings, outputs=[out / "generated.h5"])
+    st.run("real", lambda: pool(out / "real.h5", [cfg["real"]], PoolSettings(), workers=1).total,
+           {"source": cfg["real"]}, outputs=[out / "real.h5"])
+    st.run("shots", lambda: pool(out / "shots.h5", [cfg["procedural_shots"]], PoolSettings(), workers=1).total,
+           {"source": cfg["procedural_shots"]}, outputs=[out / "shots.h5"])
     st.run("pool", lambda: pool(out / "all.h5", [str(out / "generated.h5"), str(out / "real.h5")],
-                                PoolSettings(), workers=1).total)
+                                PoolSettings(), workers=1).total, after=["generate", "real"], outputs=[out / "all.h5"])
     sg = shape_groups(out / "all.h5", cat)
     groups, test_rows, num_parts = sg.keys, sg.test_rows, sg.num_parts
     coseg_file, coseg_rows = _coseg_collection(coseg, cat, out, st, log) if coseg else (None, [])
@@ -368,7 +444,9 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
             data = out / ("real.h5" if t["fit_on"] == "real" else "shots.h5")
             st.run(f"teacher/{name}", lambda data=data, name=name: fit_teacher(
                 data, cat, out / "teachers" / name, tf["shots"], tf.get("config"), tf.get("seed", 0),
-                extra_views=tf.get("extra_views", 20), image_size=cfg["extract"]["image_size"], progress=False))
+                extra_views=tf.get("extra_views", 20), image_size=cfg["extract"]["image_size"], progress=False),
+                {"teacher_fit": tf, "files": _file_digests(tf.get("config")), "image_size": cfg["extract"]["image_size"]},
+                after=[data.stem], outputs=[out / "teachers" / name])
             specs[name] = f"fewshot:{out / 'teachers' / name}"
         else:
             specs[name] = t["spec"]
@@ -388,17 +466,22 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
             # the simulated teacher needs labels: real shapes only
             st.run(f"knowledge/{name}{suffix}", lambda full=full, spec=spec, settings=settings, simulated=simulated: extract(
                 out / ("real.h5" if simulated else "all.h5"), [spec], full, settings, cat, None,
-                cache_dir=kdir / "cache", progress=False).units)
+                cache_dir=kdir / "cache", progress=False).units,
+                {"spec": spec, "extract": ex, "refine": refine},
+                after=["real"] if simulated else ["pool"] + ([f"teacher/{name}"] if f"teacher/{name}" in st.fingerprints else []),
+                outputs=[full, kdir / "cache" / settings.cache_hash([spec])])
             for sub, keys in subsets.items():
                 st.run(f"knowledge/{name}{suffix}-{sub}", lambda full=full, sub=sub, keys=keys, suffix=suffix, name=name:
-                       subset_knowledge(full, kdir / f"{name}{suffix}-{sub}.h5", keys))
+                       subset_knowledge(full, kdir / f"{name}{suffix}-{sub}.h5", keys),
+                       after=[f"knowledge/{name}{suffix}", "pool"], outputs=[kdir / f"{name}{suffix}-{sub}.h5"])
 
     # encoder
     pcfg = load_pretrain_config(cfg["pretrain"]["config"])
     if cfg["pretrain"].get("steps"):
         pcfg["train"]["steps"] = cfg["pretrain"]["steps"]
     st.run("pretrain", lambda: pretrain([out / "all.h5"], out / "encoder", pcfg, category=cat, progress=False,
-                                        resume=(out / "encoder" / "log.jsonl").exists()).get("steps"))
+                                        resume=(out / "encoder" / "log.jsonl").exists()).get("steps"),
+           {"pretrain": pcfg}, after=["pool"], outputs=[out / "encoder"])
     encoder = out / "encoder" / "encoder"
 
     # rows
@@ -453,7 +536,13 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
                     return {**scores, **extra, "train_set": train_set if row["kind"] == "pre" else "test",
                             "seconds": time.perf_counter() - t0}
 
-                per_seed.append(st.run(f"row/{row['name']}/{tname}/s{seed}", run_row))
+                kname = f"knowledge/{tname}{ksuffix}-{train_set if row['kind'] == 'pre' else 'test'}"
+                row_settings = {"row": {k: v for k, v in row.items() if k not in ("seeds", "teachers")},
+                                "distill": {k: v for k, v in dcfg.items() if k != "seeds"}, "seed": seed, "train_set": train_set,
+                                "files": _file_digests(dcfg["config"], dcfg["tta_config"], dcfg["student"])}
+                per_seed.append(st.run(f"row/{row['name']}/{tname}/s{seed}", run_row, row_settings,
+                                       after=["pool", kname] + (["pretrain"] if row["kind"] != "vote" else []),
+                                       outputs=[rdir]))
                 pred_file = rdir / ("run/predictions.h5" if row["kind"] == "tta" else "pred.h5")
                 if pred_file.exists() and not (rdir / "sheet.png").exists():
                     comparison_sheet(out / "all.h5", pred_file, rdir / "sheet.png", count=6, rows=test_rows)
@@ -466,7 +555,9 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
                         return scores
 
                     per_seed[-1] = {**per_seed[-1], "coseg": st.run(
-                        f"{coseg_file.stem}/{row['name']}/{tname}/s{seed}", run_coseg)}
+                        f"{coseg_file.stem}/{row['name']}/{tname}/s{seed}", run_coseg,
+                        after=[coseg_file.stem, f"row/{row['name']}/{tname}/s{seed}"],
+                        outputs=[rdir / f"{coseg_file.stem}-pred.h5"])}
             results[rid] = {"row": row["name"], "kind": row["kind"], "teacher": tname, "spec": specs[tname],
                             "simulated": simulated, "seeds": seeds, "runs": per_seed}
     vote_2d = {t: knowledge_2d_miou(kdir / f"{t}-test.h5") for t in specs}
@@ -494,14 +585,13 @@ def _coseg_collection(root: str | os.PathLike, category: str, out: Path, st: Sta
     (the hash of the resolved root, so another ``--coseg`` gets its own file and cache) and return
     it with the rows of ``category``. COSEG shapes are evaluation shapes only: the Pre students,
     trained without them, are applied to them (PartDistill Table 4)."""
-    import hashlib
-
     from gen3d.collection import Collection
     from gen3d.pool import PoolSettings, pool
 
     root = Path(root).resolve()
     path = out / f"coseg-{hashlib.sha1(str(root).encode()).hexdigest()[:8]}.h5"
-    st.run(path.stem, lambda: pool(path, [f"coseg:{root}"], PoolSettings(), workers=1).total)
+    st.run(path.stem, lambda: pool(path, [f"coseg:{root}"], PoolSettings(), workers=1).total, {"root": str(root)},
+           outputs=[path])
     with Collection(path) as c:
         rows = [int(i) for i in c.select(category=category)]
     if not rows:

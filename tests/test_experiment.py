@@ -91,8 +91,15 @@ def test_quick_chair_experiment_runs_every_stage_scores_and_resumes(tmp_path):
     # a re-run resumes from cached stages and rewrites the section in place (not appended twice)
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    assert "[cached] row/voting/simulated/s0" in res.output or "[cached]" in res.output
+    assert "[cached] row/voting/simulated/s0" in res.output and "[stage]" not in res.output
     assert md.read_text().count("<!-- experiment:chair-quick -->") == 1
+    # a changed setting is not answered from the cache: the command stops, naming stage and setting
+    changed = yaml.safe_load(open("configs/experiments/chair.yaml"))
+    changed["quick"]["generate"]["steps"] = 12
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+    res = CliRunner().invoke(main, [*args[:1], str(tmp_path / "changed.yaml"), *args[2:]])
+    assert res.exit_code != 0 and "stage 'generate'" in res.output and "steps: 10 -> 12" in res.output, res.output
+    assert "--redo-stale" in res.output and "[stage]" not in res.output
 
 
 def test_experiment_config_errors_are_clear(tmp_path):
@@ -176,6 +183,53 @@ def test_stage_markers_written_by_hand_are_reported_as_reused(tmp_path):
                "counts": {"real_train": 1, "test": 1}, "distill": {"epochs": 1, "seeds": [0], "student": "s"},
                "teachers": {}, "results": {}}
     assert "`teacher/a`: runs/voting/chair/teacher" in section(summary)
+
+
+def test_stages_are_cached_by_settings_and_inputs_and_stale_ones_named_or_redone(tmp_path):
+    """A changed setting (or a changed input stage) is never read from the cache: it is an error naming
+    the setting, or with redo_stale the stage's outputs are deleted and it and its dependants run again."""
+    from eval.experiment import Stages, StaleStageError
+
+    calls = []
+
+    def chain(st, steps, rows_epochs=5):
+        def gen():
+            calls.append("gen")
+            (tmp_path / "generated.h5").write_text(f"steps {steps}")
+            (tmp_path / "meshes").mkdir(exist_ok=True)
+            (tmp_path / "meshes" / f"{steps}.obj").write_text("")
+            return steps
+        st.run("generate", gen, {"generate": {"n": 4, "steps": steps}},
+               outputs=[tmp_path / "generated.h5", tmp_path / "meshes"])
+        st.run("pool", lambda: calls.append("pool") or 1, after=["generate"])
+        st.run("real", lambda: calls.append("real") or 2, {"source": "labeled-psb:chair"})
+        return st.run("row/pre", lambda: calls.append("row") or rows_epochs, {"epochs": rows_epochs},
+                      after=["pool", "real"])
+
+    log = []
+    assert chain(Stages(tmp_path, log.append), 50) == 5
+    assert calls == ["gen", "pool", "real", "row"]
+    calls.clear()
+    assert chain(Stages(tmp_path, log.append), 50) == 5 and calls == []   # same settings: all cached
+    with pytest.raises(StaleStageError, match=r"'generate'.*generate\.steps: 50 -> 25.*generated\.h5.*--redo-stale"):
+        chain(Stages(tmp_path, log.append), 25)
+    assert calls == [] and (tmp_path / "generated.h5").read_text() == "steps 50"   # nothing touched
+    # only the row changed: the upstream stages stay cached
+    with pytest.raises(StaleStageError, match=r"'row/pre'.*epochs: 5 -> 7"):
+        chain(Stages(tmp_path, log.append), 50, rows_epochs=7)
+    assert calls == []
+    # redo: generate is made again (its old output deleted first), pool because its input changed,
+    # the row because pool did; real is unchanged and stays cached
+    assert chain(Stages(tmp_path, log.append, redo_stale=True), 25) == 5
+    assert calls == ["gen", "pool", "row"] and (tmp_path / "generated.h5").read_text() == "steps 25"
+    assert [p.name for p in (tmp_path / "meshes").iterdir()] == ["25.obj"]   # the old outputs were deleted
+    assert any(m.startswith("[stale] pool: input stage 'generate' changed") for m in log)
+    calls.clear()
+    assert chain(Stages(tmp_path, log.append), 25) == 5 and calls == []
+    # a marker without a fingerprint (hand-written or older) is taken as it is
+    (tmp_path / ".done" / "real.json").write_text('{"seconds": 1.0, "result": 9}')
+    assert Stages(tmp_path, log.append).run("real", lambda: calls.append("real"), {"source": "other"}) == 9
+    assert calls == []
 
 
 def test_discussion_is_computed_from_the_numbers():
