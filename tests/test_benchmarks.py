@@ -44,6 +44,24 @@ def test_bench_sampling_prints_speed_and_quality_per_scheduler():
     assert len(surface) == 1 and surface[0][1] == "32" and surface[0][3].endswith("/2")
 
 
+def test_bench_sampling_keeps_samples_and_pairs_each_run_with_ddpm(tmp_path):
+    args = ["--category", "chair", "-n", "3", "--chunk", "2", "--grid", "0", "--save-dir", str(tmp_path),
+            "--runs", "ddpm:3,sde-dpm:2:first_timestep=800"]
+    first = _run("bench_sampling.py", *args)
+    from gen3d.sample import checkpoint_hash, shipped_checkpoint
+
+    kept = tmp_path / checkpoint_hash(shipped_checkpoint("chair"))
+    assert sorted(p.name for p in (kept / "ddpm-3").iterdir()) == ["00000-00001.npz", "00002-00002.npz"]
+    assert sorted(p.name for p in (kept / "sde-dpm-2-first_timestep=800").iterdir()) == ["00000-00001.npz", "00002-00002.npz"]
+    rows = _table(first, "| scheduler")
+    assert rows[0][7] == "-"
+    diff, paired_se = rows[1][7].split()
+    assert float(diff) == pytest.approx(float(rows[1][5]) - float(rows[0][5]), abs=0.11)  # both rounded to 0.1
+    assert float(paired_se.strip("()")) >= 0.0
+    # a second run reads the kept batches back instead of sampling: the same table, times included
+    assert _run("bench_sampling.py", *args) == first
+
+
 def test_bench_sampling_rejects_unknown_runs():
     for item in ("euler:10", "dpm:0", "dpm:25:karras"):
         res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_sampling.py"), "--runs", item],
