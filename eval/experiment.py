@@ -210,7 +210,7 @@ def generator_provenance(path: str | os.PathLike) -> dict[str, Any]:
         weight hashes (:func:`gen3d.sample.checkpoint_hash`) in order of first use, the training steps
         in each checkpoint's ``training.json`` where the recorded folder still holds those same weights
         (None otherwise, e.g. after a shipped checkpoint was replaced), and the distinct samplers as
-        ``"<scheduler>-<steps>"`` (what made the shapes, even if the config changed since a cached
+        ``"<scheduler>-<steps>"``, with ``" from t=<first_timestep>"`` where one was given (what made the shapes, even if the config changed since a cached
         ``generate`` stage).
     """
     from gen3d.collection import Collection
@@ -227,7 +227,8 @@ def generator_provenance(path: str | os.PathLike) -> dict[str, Any]:
                 same = (folder / "training.json").is_file() and checkpoint_hash(folder) == digest
                 digests[digest] = training_info(folder).get("steps") if same else None
             if prov.get("scheduler"):
-                samplers[f"{prov['scheduler']}-{prov.get('steps')}"] = None
+                start = f" from t={prov['first_timestep']}" if prov.get("first_timestep") is not None else ""
+                samplers[f"{prov['scheduler']}-{prov.get('steps')}{start}"] = None
     return {"checkpoint_sha256": list(digests), "checkpoint_steps": list(digests.values()), "samplers": list(samplers)}
 
 
@@ -420,11 +421,13 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
 
     def gen():
         generate_collection(cat, g["n"], out / "generated.h5", g.get("checkpoint"), g.get("scheduler", DEFAULT_SCHEDULER),
-                            g.get("steps", DEFAULT_STEPS), seed=g.get("seed", 0), mesh=True, progress=False)
+                            g.get("steps", DEFAULT_STEPS), seed=g.get("seed", 0), mesh=True, progress=False,
+                            first_timestep=g.get("first_timestep"))
         return {"n": g["n"]}
 
     gen_settings = {"n": g["n"], "scheduler": g.get("scheduler", DEFAULT_SCHEDULER), "steps": g.get("steps", DEFAULT_STEPS),
-                    "seed": g.get("seed", 0), "weights": checkpoint_hash(resolve_checkpoint(cat, g.get("checkpoint")))}
+                    "seed": g.get("seed", 0), "first_timestep": g.get("first_timestep"),
+                    "weights": checkpoint_hash(resolve_checkpoint(cat, g.get("checkpoint")))}
     st.run("generate", gen, gen_settings, outputs=[out / "generated.h5"])
     st.run("real", lambda: pool(out / "real.h5", [cfg["real"]], PoolSettings(), workers=1).total,
            {"source": cfg["real"]}, outputs=[out / "real.h5"])

@@ -277,3 +277,7 @@ def test_generator_provenance_drops_steps_when_the_checkpoint_folder_changed(tmp
     weights.write_bytes(weights.read_bytes() + b" ")   # the folder now holds other weights
     assert generator_provenance(tmp_path / "gen.h5") == {"checkpoint_sha256": [digest], "checkpoint_steps": [None],
                                                          "samplers": ["ddim-2"]}
+    # a later batch with another start in the same file is named apart
+    generate_collection("airplane", 1, tmp_path / "gen.h5", None, "sde-dpm", 2, seed=1, mesh=False, progress=False,
+                        first_timestep=800)
+    assert generator_provenance(tmp_path / "gen.h5")["samplers"] == ["ddim-2", "sde-dpm-2 from t=800"]

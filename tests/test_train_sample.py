@@ -17,7 +17,7 @@ from gen3d.cli import main
 from gen3d.collection import Collection, append_records
 from gen3d.pool import PoolSettings, pool
 from gen3d.runs import latest_checkpoint
-from gen3d.sample import CheckpointNotFoundError, generate_collection, load_generator, resolve_checkpoint
+from gen3d.sample import CheckpointNotFoundError, generate_collection, load_generator, resolve_checkpoint, sample_clouds
 from gen3d.train import load_config, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -399,3 +399,34 @@ def test_resuming_with_another_sampler_is_refused(tmp_path, tiny_model):
                                     "--scheduler", "ddim", "--steps", "3", "--out", str(out), "--no-mesh"])
     assert res.exit_code != 0 and "another sampler" in res.output and "Traceback" not in res.output
     assert generate_collection("mug", 1, out, tiny_model, "ddim", 3, seed=1, mesh=False, progress=False)["generated"] == 1
+
+
+def test_first_timestep_reaches_the_solver_and_the_provenance(tmp_path, tiny_model):
+    out = tmp_path / "g.h5"
+    generate_collection("mug", 2, out, tiny_model, "sde-dpm", 3, batch_size=2, mesh=False, progress=False,
+                        first_timestep=800)
+    with Collection(out) as c:
+        num_points = len(c.points(0))
+    model = load_generator(tiny_model, "cpu")
+    direct = sample_clouds(model, tiny_model, [0, 1], num_points, "sde-dpm", 3, scheduler_options={"first_timestep": 800})
+    default = sample_clouds(model, tiny_model, [0, 1], num_points, "sde-dpm", 3)
+    with Collection(out) as c:
+        assert c.provenance(0)["first_timestep"] == 800
+        np.testing.assert_allclose(np.stack([c.points(0), c.points(1)]), direct, atol=1e-5)
+        assert not np.allclose(c.points(0), default[0], atol=1e-3)
+    with pytest.raises(ValueError, match="first_timestep: stored 800, asked None"):
+        generate_collection("mug", 3, out, tiny_model, "sde-dpm", 3, batch_size=2, mesh=False, progress=False)
+    # a shape from before the field existed counts as started at the default
+    old = tmp_path / "old.h5"
+    generate_collection("mug", 1, old, tiny_model, "sde-dpm", 3, mesh=False, progress=False)
+    with Collection(old) as c:
+        record = c.record(0)
+    record.shape_id = "mug-gen-s0-000001"
+    del record.provenance["first_timestep"]
+    append_records(old, [record])
+    assert generate_collection("mug", 3, old, tiny_model, "sde-dpm", 3, mesh=False, progress=False)["generated"] == 1
+    res = CliRunner().invoke(main, ["sample", "--category", "mug", "-n", "1", "--checkpoint", str(tiny_model),
+                                    "--scheduler", "ddim", "--steps", "3", "--first-timestep", "800",
+                                    "--out", str(tmp_path / "d.h5"), "--no-mesh"])
+    assert res.exit_code != 0 and "applies to dpm and sde-dpm" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "d.h5").exists()
