@@ -429,4 +429,7 @@ def test_first_timestep_reaches_the_solver_and_the_provenance(tmp_path, tiny_mod
                                     "--scheduler", "ddim", "--steps", "3", "--first-timestep", "800",
                                     "--out", str(tmp_path / "d.h5"), "--no-mesh"])
     assert res.exit_code != 0 and "applies to dpm and sde-dpm" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["sample", "--category", "mug", "-n", "1", "--checkpoint", str(tiny_model),
+                                    "--steps", "3", "--first-timestep", "1000", "--out", str(tmp_path / "d.h5"), "--no-mesh"])
+    assert res.exit_code != 0 and "first_timestep must be in 0..999" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "d.h5").exists()
