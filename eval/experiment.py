@@ -419,16 +419,17 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
     t_start = time.perf_counter()
     g = cfg["generate"]
 
+    gen_settings = {"n": g["n"], "scheduler": g.get("scheduler", DEFAULT_SCHEDULER), "steps": g.get("steps", DEFAULT_STEPS),
+                    "seed": g.get("seed", 0), "first_timestep": g.get("first_timestep")}
+
     def gen():
-        generate_collection(cat, g["n"], out / "generated.h5", g.get("checkpoint"), g.get("scheduler", DEFAULT_SCHEDULER),
-                            g.get("steps", DEFAULT_STEPS), seed=g.get("seed", 0), mesh=True, progress=False,
-                            first_timestep=g.get("first_timestep"))
+        generate_collection(cat, g["n"], out / "generated.h5", g.get("checkpoint"), gen_settings["scheduler"],
+                            gen_settings["steps"], seed=gen_settings["seed"], mesh=True, progress=False,
+                            first_timestep=gen_settings["first_timestep"])
         return {"n": g["n"]}
 
-    gen_settings = {"n": g["n"], "scheduler": g.get("scheduler", DEFAULT_SCHEDULER), "steps": g.get("steps", DEFAULT_STEPS),
-                    "seed": g.get("seed", 0), "first_timestep": g.get("first_timestep"),
-                    "weights": checkpoint_hash(resolve_checkpoint(cat, g.get("checkpoint")))}
-    st.run("generate", gen, gen_settings, outputs=[out / "generated.h5"])
+    weights = checkpoint_hash(resolve_checkpoint(cat, g.get("checkpoint")))
+    st.run("generate", gen, {**gen_settings, "weights": weights}, outputs=[out / "generated.h5"])
     st.run("real", lambda: pool(out / "real.h5", [cfg["real"]], PoolSettings(), workers=1).total,
            {"source": cfg["real"]}, outputs=[out / "real.h5"])
     st.run("shots", lambda: pool(out / "shots.h5", [cfg["procedural_shots"]], PoolSettings(), workers=1).total,
@@ -471,7 +472,7 @@ def run_experiment(config_path: str | os.PathLike, out: str | os.PathLike | None
                 out / ("real.h5" if simulated else "all.h5"), [spec], full, settings, cat, None,
                 cache_dir=kdir / "cache", progress=False).units,
                 {"spec": spec, "extract": ex, "refine": refine},
-                after=["real"] if simulated else ["pool"] + ([f"teacher/{name}"] if f"teacher/{name}" in st.fingerprints else []),
+                after=["real"] if simulated else ["pool"] + ([f"teacher/{name}"] if spec.startswith("fewshot:") else []),
                 outputs=[full, kdir / "cache" / settings.cache_hash([spec])])
             for sub, keys in subsets.items():
                 st.run(f"knowledge/{name}{suffix}-{sub}", lambda full=full, sub=sub, keys=keys, suffix=suffix, name=name:
