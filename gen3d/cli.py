@@ -156,8 +156,8 @@ def train_cmd(category: str, data: tuple[str, ...], config_path: Path, out: Path
 @click.option("--first-timestep", type=click.IntRange(0), default=None,
               help="dpm / sde-dpm only: start the solver at this training timestep (from unit Gaussian noise), "
                    "the steps uniform in log-SNR from there [default: T - 1 = 999]. With --steps 25, 800 is the best "
-                   "25-step start measured (40x fewer evaluations than DDPM-1000; airplane within 1.6 +- 2.3 "
-                   "points of its 1-NNA-CD, chair 7.6 +- 1.8 worse: docs/generation.md); at 50 steps it is worse "
+                   "25-step start measured (40x fewer evaluations than DDPM-1000; its 1-NNA-CD 2.9 +- 1.6 (airplane) "
+                   "and 7.6 +- 1.8 (chair) points worse: docs/generation.md); at 50 steps it is worse "
                    "than the default.")
 @click.option("--seed", default=0, show_default=True, help="Shape i of seed s is always the same shape.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Shapes per batch (and per commit).")
