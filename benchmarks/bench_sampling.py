@@ -16,7 +16,9 @@ standard error sqrt(p (1 - p) / 2n) of a 2n-cloud leave-one-out accuracy); read 
 Every sampler starts from the same noise and meets the same reference, so the column "minus DDPM's"
 pairs the clouds: its "+-" is std(c - c_DDPM) / sqrt(2n) over the 2n per-cloud correctness
 indicators c (eval.generation.mmd_cov_1nna(per_cloud=True)), which ignores, as the binomial one does,
-the dependence between clouds. --save-dir keeps the samples, so a long run (DDPM-1000 at large n)
+the dependence between clouds (one cloud is the nearest neighbour of many); the column "bootstrap +-"
+does not: the standard deviation of the difference over --bootstrap paired resamplings of shapes
+and references (eval.generation.bootstrap_1nna, which leaves out every copy of a cloud). --save-dir keeps the samples, so a long run (DDPM-1000 at large n)
 resumes after an interruption and another table on the same samples costs only the metrics.
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.generation import mmd_cov_1nna, normalize_clouds
+from eval.generation import bootstrap_1nna, mmd_cov_1nna, normalize_clouds
 from gen3d.procedural import generate
 from gen3d.sample import (DEFAULT_SCHEDULER, DEFAULT_STEPS, checkpoint_hash, load_generator, resolve_checkpoint,
                           sample_clouds, sampling_scheduler)
@@ -110,6 +112,8 @@ def main() -> None:
     ap.add_argument("--save-dir", type=Path, default=None,
                     help="keep each batch of samples here and reuse it on the next run (resumes an "
                          "interrupted benchmark; a different checkpoint gets its own folder)")
+    ap.add_argument("--bootstrap", type=int, default=2000,
+                    help="paired bootstrap replicates for the 'bootstrap +-' column [default: 2000]")
     ap.add_argument("--grid", type=int, default=128, help="grid of the surface step; 0 skips it")
     ap.add_argument("--runs", type=parse_runs, default=parse_runs(RUNS),
                     help=f"comma-separated SCHEDULER:STEPS[:KEY=VALUE...] to compare, KEY=VALUE being diffusers "
@@ -126,7 +130,7 @@ def main() -> None:
     model = load_generator(model_dir, "cuda" if torch.cuda.is_available() else "cpu")
     ref = torch.from_numpy(np.stack([generate(args.category, i, seed=1).points for i in range(args.n)]))
     ref = normalize_clouds(ref)
-    rows, clouds, correct = [], {}, {}
+    rows, clouds, correct, distances = [], {}, {}, {}
     for kind, steps, options in args.runs:
         pts, sec = sample_run(model, model_dir, kind, steps, options, args.n, args.chunk, args.save_dir)
         if not options:
@@ -134,22 +138,28 @@ def main() -> None:
         name = kind + "".join(f" {k}={v}" for k, v in options.items())
         m = mmd_cov_1nna(normalize_clouds(torch.from_numpy(pts)), ref, per_cloud=True)
         correct[(name, steps)] = m["1-NNA-CD correct"].astype(np.float64)
+        distances[(name, steps)] = m["1-NNA-CD distances"]
         rows.append((name, steps, args.n / sec, sec, 100 * m["1-NNA-CD"], 1e3 * m["MMD-CD"], 100 * m["COV-CD"]))
     print(f"checkpoint {model_dir}; n = {args.n} shapes of 2048 points; reference: {args.n} procedural (seed 1)")
     base_row = next((r for r in rows if r[0] == "ddpm"), None)
     base = base_row[3] if base_row else None
     base_correct = correct[(base_row[0], base_row[1])] if base_row else None
+    replicates = bootstrap_1nna(list(distances.values()), args.n, args.bootstrap) if base_row and args.bootstrap else None
+    keys = list(distances)
     print(f"| scheduler | steps | shapes/s | seconds | speed-up vs DDPM-{base_row[1] if base_row else 1000} | "
-          "1-NNA-CD (%) | +- | minus DDPM's (paired +-) | MMD-CD (x10^3) | COV-CD (%) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "1-NNA-CD (%) | +- | minus DDPM's (paired +-) | bootstrap +- | MMD-CD (x10^3) | COV-CD (%) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for kind, steps, sps, sec, nna, mmd, cov in rows:
         speed = f"{base / sec:.1f}x" if base else "-"
         se = 100 * np.sqrt(nna / 100 * (1 - nna / 100) / (2 * args.n))
-        diff = "-"
+        diff = boot = "-"
         if base_correct is not None and (kind, steps) != base_row[:2]:
             d = correct[(kind, steps)] - base_correct
             diff = f"{100 * d.mean():+.1f} ({100 * d.std(ddof=1) / np.sqrt(d.size):.1f})"
-        print(f"| {kind} | {steps} | {sps:.2f} | {sec:.1f} | {speed} | {nna:.1f} | {se:.1f} | {diff} | {mmd:.2f} | {cov:.1f} |")
+            if replicates is not None:
+                b = replicates[:, keys.index((kind, steps))] - replicates[:, keys.index(base_row[:2])]
+                boot = f"{100 * b.std(ddof=1):.1f}"
+        print(f"| {kind} | {steps} | {sps:.2f} | {sec:.1f} | {speed} | {nna:.1f} | {se:.1f} | {diff} | {boot} | {mmd:.2f} | {cov:.1f} |")
     import trimesh
 
     from gen3d.surface import reconstruct

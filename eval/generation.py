@@ -302,7 +302,9 @@ def mmd_cov_1nna(sample: torch.Tensor, ref: torch.Tensor, batch_size: int = 64,
             ordered ``[ref; sample]``: whether each cloud's nearest other has its label (its mean is
             1-NNA-CD). Two generated sets scored against the same reference, sample ``i`` of both
             made from the same noise, give per-cloud pairs for a paired standard error of their
-            difference (``benchmarks/bench_sampling.py``).
+            difference (``benchmarks/bench_sampling.py``); and ``"1-NNA-CD distances"``, the
+            ``float64`` matrix ``(num_ref + num_sample,) * 2`` of Chamfer distances over the union,
+            same order, diagonal ``inf``, for :func:`bootstrap_1nna`.
 
     Returns:
         ``{"MMD-CD": float, "COV-CD": float, "1-NNA-CD": float}``, raw values:
@@ -346,6 +348,76 @@ def mmd_cov_1nna(sample: torch.Tensor, ref: torch.Tensor, batch_size: int = 64,
     out = {"MMD-CD": float(mmd), "COV-CD": float(cov), "1-NNA-CD": float(correct.double().mean())}
     if per_cloud:
         out["1-NNA-CD correct"] = correct.cpu().numpy()
+        out["1-NNA-CD distances"] = m.double().cpu().numpy()
+    return out
+
+
+def _weighted_1nna(dist: torch.Tensor, num_ref: int, weights: torch.Tensor) -> torch.Tensor:
+    """1-NNA of the multiset that holds cloud ``o`` of the union ``weights[b, o]`` times.
+
+    A cloud's nearest other is searched among the clouds present (weight > 0), never among copies
+    of itself, so a duplicate drawn by the bootstrap does not count as its own neighbour; ties go to
+    the first index as in :func:`mmd_cov_1nna`. ``dist``: ``(U, U)`` with an ``inf`` diagonal;
+    ``weights``: ``(B, U)`` counts. Returns ``(B,)`` float64 accuracies.
+    """
+    label = torch.arange(dist.shape[0]) < num_ref
+    masked = dist[None].masked_fill(weights[:, None, :] == 0, float("inf"))   # (B, U, U): row o, columns present
+    correct = (label[masked.argmin(-1)] == label).double()
+    w = weights.double()
+    return (w * correct).sum(1) / w.sum(1)
+
+
+def bootstrap_1nna(distances: list[np.ndarray], num_ref: int, replicates: int = 2000, seed: int = 0,
+                   chunk: int = 50) -> np.ndarray:
+    """Bootstrap replicates of 1-NNA-CD for generated sets scored against one reference set.
+
+    Each replicate draws ``num_ref`` reference indices and ``num_sample`` sample indices with
+    replacement (the same draw for every matrix: sample ``i`` of every set must come from the same
+    noise, reference ``j`` be the same cloud) and recomputes 1-NNA on that multiset from the stored
+    distances, leaving out every copy of a cloud, not only the cloud itself (a plain bootstrap of
+    a leave-one-out nearest-neighbour rule would match each duplicate with its copy). Unlike the
+    binomial or per-cloud paired standard errors, the spread of the replicates includes the
+    dependence between clouds (one cloud is the neighbour of many). The standard deviation of
+    ``replicates[:, a] - replicates[:, b]`` is a paired standard error of the difference of two
+    samplers' 1-NNA (``benchmarks/bench_sampling.py``).
+
+    Args:
+        distances: matrices ``"1-NNA-CD distances"`` of :func:`mmd_cov_1nna` (``per_cloud=True``),
+            each ``(num_ref + num_sample, num_ref + num_sample)``, ordered ``[ref; sample]``.
+        num_ref: number of reference clouds (the same in every matrix).
+        replicates: number of bootstrap draws.
+        seed: seed of the draws (the same seed gives the same replicates).
+        chunk: replicates evaluated per batched ``argmin`` (memory ``chunk * U^2`` floats).
+
+    Returns:
+        ``float64 (replicates, len(distances))`` 1-NNA values in [0, 1].
+
+    Raises:
+        ValueError: no matrix, matrices of different shapes, a matrix that is not square, or
+            ``num_ref`` not in 1 .. U - 1.
+    """
+    if not distances:
+        raise ValueError("need at least one distance matrix")
+    shape = np.shape(distances[0])
+    if len(shape) != 2 or shape[0] != shape[1] or any(np.shape(d) != shape for d in distances):
+        raise ValueError(f"distance matrices must be square and of one shape, got {[np.shape(d) for d in distances]}")
+    if not 0 < num_ref < shape[0]:
+        raise ValueError(f"num_ref must be in 1..{shape[0] - 1}, got {num_ref}")
+    if replicates < 1 or chunk < 1:
+        raise ValueError(f"replicates and chunk must be >= 1, got {replicates} and {chunk}")
+    num_sample = shape[0] - num_ref
+    gen = torch.Generator().manual_seed(seed)
+    mats = [torch.as_tensor(np.asarray(d, dtype=np.float64)) for d in distances]
+    out = np.empty((replicates, len(mats)))
+    all_r = torch.randint(num_ref, (replicates, num_ref), generator=gen)   # drawn up front: replicates
+    all_s = torch.randint(num_sample, (replicates, num_sample), generator=gen)   # do not depend on chunk
+    for start in range(0, replicates, chunk):
+        b = min(chunk, replicates - start)
+        draw_r, draw_s = all_r[start:start + b], all_s[start:start + b]
+        weights = torch.cat([torch.zeros(b, num_ref).scatter_add_(1, draw_r, torch.ones(b, num_ref)),
+                             torch.zeros(b, num_sample).scatter_add_(1, draw_s, torch.ones(b, num_sample))], 1)
+        for k, m in enumerate(mats):
+            out[start:start + b, k] = _weighted_1nna(m, num_ref, weights).numpy()
     return out
 
 

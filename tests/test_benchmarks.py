@@ -58,6 +58,7 @@ def test_bench_sampling_keeps_samples_and_pairs_each_run_with_ddpm(tmp_path):
     diff, paired_se = rows[1][7].split()
     assert float(diff) == pytest.approx(float(rows[1][5]) - float(rows[0][5]), abs=0.11)  # both rounded to 0.1
     assert float(paired_se.strip("()")) >= 0.0
+    assert rows[0][8] == "-" and float(rows[1][8]) >= 0.0   # bootstrap standard error of the difference
     # a second run reads the kept batches back instead of sampling: the same table, times included
     assert _run("bench_sampling.py", *args) == first
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from eval.generation import (
+    bootstrap_1nna,
     chamfer_distance,
     clear_cache,
     evaluate_collections,
@@ -167,6 +168,36 @@ def test_per_cloud_correctness_is_ordered_refs_first_and_averages_to_1nna():
     assert got["1-NNA-CD correct"].shape == (16,)
     assert got["1-NNA-CD correct"].mean() == pytest.approx(got["1-NNA-CD"])
     assert "1-NNA-CD correct" not in mmd_cov_1nna(sample, ref)
+
+
+def test_bootstrap_1nna_known_cases():
+    gen = torch.Generator().manual_seed(8)
+    sample, ref = spheroids(12, 64, gen, 1.5), spheroids(10, 64, gen)
+    got = mmd_cov_1nna(sample, ref, per_cloud=True)
+    dist = got["1-NNA-CD distances"]
+    assert dist.shape == (22, 22) and np.isinf(np.diag(dist)).all()
+    # every cloud present once: the bootstrap's weighted rule is mmd_cov_1nna's 1-NNA
+    from eval.generation import _weighted_1nna
+    assert _weighted_1nna(torch.as_tensor(dist), 10, torch.ones(1, 22)).item() == pytest.approx(got["1-NNA-CD"])
+    # a cloud drawn twice is not its own neighbour: refs 0 and 1 only, sample 0 twice. Each ref's
+    # nearest present other is the other ref or the sample; the sample's is a ref (never its copy).
+    w = torch.zeros(1, 22)
+    w[0, [0, 1]] = 1
+    w[0, 10] = 2
+    d = torch.as_tensor(dist)
+    ref_right = [float(d[i, [1 - i, 10]].argmin() == 0) for i in (0, 1)]
+    assert _weighted_1nna(d, 10, w).item() == pytest.approx(sum(ref_right) / 4)
+    reps = bootstrap_1nna([dist, dist], 10, replicates=64, seed=3, chunk=7)
+    assert reps.shape == (64, 2) and (reps[:, 0] == reps[:, 1]).all()      # same draws for both
+    assert np.array_equal(reps, bootstrap_1nna([dist, dist], 10, replicates=64, seed=3))  # seeded, chunk-free
+    assert 0.2 < reps.mean() < 1.0 and reps.std() > 0
+    # completely separated sets: every replicate is 1 (each set has >= 2 distinct clouds drawn)
+    far = mmd_cov_1nna(sample, ref + 100.0, per_cloud=True)["1-NNA-CD distances"]
+    assert (bootstrap_1nna([far], 10, replicates=32)[:, 0] == 1.0).all()
+    with pytest.raises(ValueError, match="one shape"):
+        bootstrap_1nna([dist, dist[:-1, :-1]], 10)
+    with pytest.raises(ValueError, match="num_ref"):
+        bootstrap_1nna([dist], 22)
 
 
 def test_separated_sets_and_one_repeated_shape():
